@@ -1,0 +1,1 @@
+"""The render farm's domain: settings, models, parameters, pricing, credits, jobs and storage."""

@@ -1,0 +1,116 @@
+"""Hot, ephemeral job state in Redis: completion notices, step progress, worker heartbeats.
+
+SQL stays the source of truth; everything here may be lost and is rebuilt or
+re-read from the database.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+import redis
+
+PROGRESS_TTL_S: Final = 24 * 3600
+_PREFIX: Final = "kolors-farm"
+
+
+def job_channel(job_id: str) -> str:
+    """The pub/sub channel that announces a job's end."""
+    return f"{_PREFIX}:job:{job_id}:done"
+
+
+def progress_key(job_id: str) -> str:
+    """The hash holding a running job's step progress."""
+    return f"{_PREFIX}:job:{job_id}:progress"
+
+
+def worker_key(name: str) -> str:
+    """The expiring key a live worker refreshes."""
+    return f"{_PREFIX}:worker:{name}"
+
+
+def make_redis(url: str) -> redis.Redis:
+    """A Redis client with timeouts, so a stalled server cannot hang a request forever."""
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
+                                health_check_interval=30)
+
+
+def announce_job_finished(client: redis.Redis, job_id: str, state: str) -> None:
+    """Tell waiters (the synchronous route) that a job reached a terminal state."""
+    client.publish(job_channel(job_id), state)
+
+
+def wait_for_job(
+    client: redis.Redis, job_id: str, is_finished: Callable[[], bool], timeout_s: float
+) -> bool:
+    """Block until the job ends or `timeout_s` passes; True if it ended.
+
+    Subscribes before asking `is_finished` (a short DB read), so an end that
+    happens between the two is never missed.
+    """
+    deadline = time.monotonic() + timeout_s
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.subscribe(job_channel(job_id))
+        if is_finished():
+            return True
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = pubsub.get_message(timeout=min(remaining, 5.0))
+            if message is not None and message["type"] == "message":
+                return True
+            # A notice lost to a Redis restart must not hang the caller until the deadline.
+            if message is None and is_finished():
+                return True
+        return is_finished()
+    finally:
+        pubsub.close()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a running job is: step of steps of the current image, images done."""
+
+    attempt: int
+    step: int
+    steps: int
+    images_done: int
+    images: int
+    updated_at: float
+
+
+def write_progress(client: redis.Redis, job_id: str, progress: Progress) -> None:
+    """Store a job's progress (callers throttle)."""
+    key = progress_key(job_id)
+    client.hset(key, mapping={k: str(v) for k, v in asdict(progress).items()})
+    client.expire(key, PROGRESS_TTL_S)
+
+
+def read_progress(client: redis.Redis, job_id: str) -> Progress | None:
+    """A job's last reported progress, if any."""
+    raw: dict[bytes, bytes] = client.hgetall(progress_key(job_id))  # type: ignore[assignment]
+    if not raw:
+        return None
+    values = {k.decode(): v.decode() for k, v in raw.items()}
+    return Progress(attempt=int(values["attempt"]), step=int(values["step"]),
+                    steps=int(values["steps"]), images_done=int(values["images_done"]),
+                    images=int(values["images"]), updated_at=float(values["updated_at"]))
+
+
+def record_heartbeat(client: redis.Redis, name: str, info: dict[str, Any], ttl_s: float) -> None:
+    """Mark a worker alive for `ttl_s` seconds with a little about it."""
+    client.set(worker_key(name), json.dumps(info), px=int(ttl_s * 1000))
+
+
+def live_workers(client: redis.Redis) -> dict[str, dict[str, Any]]:
+    """Workers whose heartbeat has not expired, by name."""
+    found: dict[str, dict[str, Any]] = {}
+    for key in client.scan_iter(match=worker_key("*"), count=100):
+        raw = client.get(key)
+        if raw is not None:
+            name = key.decode().removeprefix(worker_key(""))
+            found[name] = json.loads(raw)
+    return found

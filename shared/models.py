@@ -1,0 +1,209 @@
+"""SQLAlchemy 2.0 typed models: tenants, users, API keys, jobs, images and the credit ledger."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC in Python, on SQLite as on PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; use shared.models.utcnow()")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        # SQLite keeps no zone; every value was written as UTC.
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with stable constraint names (Alembic needs them)."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+
+
+class JobState(enum.StrEnum):
+    """A job's lifecycle; only QUEUED and RUNNING are live."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+LIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
+TERMINAL_STATES = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+class LedgerKind(enum.StrEnum):
+    """What a ledger entry records."""
+
+    GRANT = "grant"
+    HOLD = "hold"
+    CAPTURE = "capture"
+    RELEASE = "release"
+
+
+def _in_check(column: str, values: type[enum.StrEnum]) -> str:
+    return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
+
+
+class Tenant(Base):
+    """A team; its users share visibility of each other's jobs."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    users: Mapped[list[User]] = relationship(back_populates="tenant")
+
+
+class User(Base):
+    """A caller with API keys and a credit balance (in millicredits)."""
+
+    __tablename__ = "users"
+    __table_args__ = (CheckConstraint("balance >= 0", name="balance_non_negative"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    # Cached sum of the ledger's available_delta; changed only by conditional UPDATEs.
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    tenant: Mapped[Tenant] = relationship(back_populates="users")
+
+
+class ApiKey(Base):
+    """An API key, stored as the SHA-256 of the secret; the prefix is for display."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Job(Base):
+    """One render request: its parameters, state, fencing attempt and settlement inputs."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(_in_check("state", JobState), name="state_valid"),
+        CheckConstraint("number_of_images BETWEEN 1 AND 10", name="image_count_valid"),
+        CheckConstraint("images_done >= 0 AND images_done <= number_of_images",
+                        name="images_done_valid"),
+        CheckConstraint("attempt >= 0", name="attempt_non_negative"),
+        Index("ix_jobs_state_created_at", "state", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)
+    params: Mapped[dict[str, Any]]
+    seed: Mapped[int] = mapped_column(BigInteger)
+    number_of_images: Mapped[int] = mapped_column(Integer)
+    images_done: Mapped[int] = mapped_column(Integer, default=0)
+    price_per_image: Mapped[int] = mapped_column(BigInteger)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    images: Mapped[list[JobImage]] = relationship(
+        order_by="JobImage.index", back_populates="job"
+    )
+
+
+class JobImage(Base):
+    """One delivered image of a job, stored under `storage_key`."""
+
+    __tablename__ = "job_images"
+    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_job_images_job_id_index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    storage_key: Mapped[str] = mapped_column(String(500))
+    content_type: Mapped[str] = mapped_column(String(50))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="images")
+
+
+class LedgerEntry(Base):
+    """An append-only credit movement, in millicredits.
+
+    `available_delta` changes the spendable balance; `held_delta` changes the
+    amount held for a job. Grant: (+c, 0). Hold: (-p, +p). Capture: (0, -c).
+    Release: (+r, -r). So a user's balance is the sum of available_delta and a
+    job's outstanding hold is the sum of its held_delta.
+    """
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (CheckConstraint(_in_check("kind", LedgerKind), name="kind_valid"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True, default=None)
+    kind: Mapped[str] = mapped_column(String(16))
+    available_delta: Mapped[int] = mapped_column(BigInteger)
+    held_delta: Mapped[int] = mapped_column(BigInteger)
+    note: Mapped[str | None] = mapped_column(String(200), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

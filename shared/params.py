@@ -1,0 +1,147 @@
+"""The Kolors request schema: Segmind's names, defaults and ranges, in one place.
+
+The API validates with it, the worker reads it, and the OpenAPI document is
+generated from it, so the three can never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared.errors import FieldProblem, InvalidParams
+
+MAX_SEED: Final = 2**32 - 1
+RANDOM_SEED: Final = -1
+
+# Every scheduler here is exercised on the real KolorsPipeline by tests/test_schedulers.py.
+SCHEDULERS: Final = (
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "PNDMScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+)
+SchedulerName = Literal[
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "PNDMScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+]
+
+OUTPUT_FORMATS: Final = ("webp", "jpeg", "png")
+CONTENT_TYPES: Final = {"webp": "image/webp", "jpeg": "image/jpeg", "png": "image/png"}
+EXTENSIONS: Final = {"webp": "webp", "jpeg": "jpg", "png": "png"}
+
+Dimension = Annotated[int, Field(ge=512, le=2048, multiple_of=8)]
+
+
+class KolorsParams(BaseModel):
+    """Parameters of one Kolors request, exactly as Segmind names them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(min_length=1, max_length=10_000, description="What to draw; Chinese or English.")
+    negative_prompt: str = Field(default="", max_length=10_000, description="What to avoid.")
+    cfg: float = Field(default=6.0, ge=0, le=20, allow_inf_nan=False, description="Guidance scale.")
+    seed: int = Field(
+        default=441234134, ge=RANDOM_SEED, le=MAX_SEED,
+        description="0 to 2^32-1; -1 picks a random seed. Image i uses seed + i (mod 2^32).",
+    )
+    steps: int = Field(default=25, ge=1, le=50, description="Diffusion steps.")
+    width: Dimension = Field(default=1024, description="512 to 2048, a multiple of 8.")
+    height: Dimension = Field(default=1024, description="512 to 2048, a multiple of 8.")
+    scheduler: SchedulerName = Field(default="EulerDiscreteScheduler",
+                                     description="A diffusers scheduler class name.")
+    output_format: Literal["webp", "jpeg", "png"] = Field(
+        default="webp", description="webp, jpeg (jpg accepted) or png."
+    )
+    output_quality: int = Field(default=80, ge=0, le=100, description="Encoder quality, 0 to 100.")
+    number_of_images: int = Field(default=1, ge=1, le=10, description="1 to 10 images.")
+    base64: bool = Field(
+        default=False,
+        description="POST /v1/kolors only: answer JSON with every image in base64.",
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("cfg", "seed", "steps", "width", "height", "output_quality",
+                     "number_of_images", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any) -> Any:
+        # JSON true is not 1 steps; pydantic's lax mode would take it.
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _jpg_is_jpeg(cls, value: Any) -> Any:
+        # Segmind accepts "jpg"; it names the same encoder, so this is an alias, not a fix.
+        return "jpeg" if isinstance(value, str) and value.lower() == "jpg" else value
+
+    def image_seed(self, base_seed: int, index: int) -> int:
+        """The seed of image `index` of a job whose resolved base seed is `base_seed`."""
+        return (base_seed + index) % (MAX_SEED + 1)
+
+    def render_fields(self) -> dict[str, Any]:
+        """The parameters a job stores (everything but response-shape flags)."""
+        return self.model_dump(exclude={"base64"})
+
+
+_RULE_MESSAGES: Final = {
+    "missing": "is required",
+    "extra_forbidden": "is not a parameter of this model",
+}
+
+
+def parse_params(data: Mapping[str, Any]) -> KolorsParams:
+    """Validate raw form or JSON fields; raise InvalidParams naming each bad field and rule."""
+    try:
+        return KolorsParams.model_validate(dict(data))
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            field = ".".join(str(part) for part in error["loc"]) or "body"
+            message = _RULE_MESSAGES.get(error["type"], error["msg"])
+            if error["type"] == "literal_error":
+                message = f"must be one of: {', '.join(_allowed(field))}"
+            problems.append(FieldProblem(field=field, rule=error["type"], message=message))
+        raise InvalidParams(problems) from None
+
+
+def _allowed(field: str) -> tuple[str, ...]:
+    if field == "scheduler":
+        return SCHEDULERS
+    if field == "output_format":
+        return (*OUTPUT_FORMATS, "jpg")
+    return ()
+
+
+def params_json_schema() -> dict[str, Any]:
+    """The request body's JSON Schema (for the OpenAPI document)."""
+    return KolorsParams.model_json_schema()

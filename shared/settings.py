@@ -1,0 +1,68 @@
+"""One typed settings object, read from `KOLORS_FARM_*` environment variables."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the farm; see the README's environment table."""
+
+    model_config = SettingsConfigDict(env_prefix="KOLORS_FARM_", extra="ignore")
+
+    data_dir: Path = Path("./var")
+    database_url: str | None = None
+    redis_url: str | None = None
+    storage_url: str | None = None
+    model: str = "Kwai-Kolors/Kolors-diffusers"
+    public_base_url: str | None = Field(
+        default=None, description="Base for absolute URLs in responses; else the request's host."
+    )
+
+    # API
+    sync_timeout_s: float = Field(default=300.0, gt=0)
+    max_body_bytes: int = Field(default=64 * 1024, gt=0)
+
+    # Worker
+    device: str = "auto"
+    dtype: str = Field(default="auto", pattern="^(auto|float32|float16|bfloat16)$")
+    render_batch_size: int = Field(default=1, ge=1, le=10)
+    visibility_timeout_s: int = Field(default=4 * 3600, gt=0)
+    progress_interval_s: float = Field(default=0.5, ge=0)
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+
+    # Credits: the price of one 1024x1024 image at 25 steps, in credits.
+    price_per_image: Decimal = Field(default=Decimal("1"), ge=0)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        # Child processes may run from another directory; resolve once here.
+        return value.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL, defaulting to SQLite under the data dir."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'farm.db'}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        """The result storage URL, defaulting to local disk under the data dir."""
+        return self.storage_url or f"file://{self.data_dir / 'results'}"
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        """Where `KOLORS_FARM_MODEL=tiny` builds and caches its checkpoint."""
+        return self.data_dir / "models" / "tiny"
+
+    def require_redis_url(self) -> str:
+        """The Redis URL, or a clear error where the process needs one and none is set."""
+        if not self.redis_url:
+            raise RuntimeError(
+                "KOLORS_FARM_REDIS_URL is not set (only `kolors-farm up` starts a private Redis)"
+            )
+        return self.redis_url
