@@ -35,6 +35,11 @@ class InvalidParams(FarmError):
         self.problems = problems
         super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
 
+    @classmethod
+    def single(cls, field: str, rule: str, message: str) -> InvalidParams:
+        """One problem with one field."""
+        return cls([FieldProblem(field=field, rule=rule, message=message)])
+
 
 class Unauthorized(FarmError):
     """No API key, or one that matches no active key."""

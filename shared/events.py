@@ -114,3 +114,18 @@ def live_workers(client: redis.Redis) -> dict[str, dict[str, Any]]:
             name = key.decode().removeprefix(worker_key(""))
             found[name] = json.loads(raw)
     return found
+
+
+def cancel_key(job_id: str) -> str:
+    """The flag a running job's worker checks at every step."""
+    return f"{_PREFIX}:job:{job_id}:cancel"
+
+
+def request_cancel(client: redis.Redis, job_id: str) -> None:
+    """Ask the worker rendering `job_id` to stop at its next step."""
+    client.set(cancel_key(job_id), "1", ex=PROGRESS_TTL_S)
+
+
+def is_cancel_requested(client: redis.Redis, job_id: str) -> bool:
+    """Whether a cancel was asked for `job_id`."""
+    return bool(client.exists(cancel_key(job_id)))

@@ -211,3 +211,8 @@ def queue_position(session: Session, job: Job) -> int:
 def public_status(job: Job) -> str:
     """Segmind's four states: QUEUED, PROCESSING, COMPLETED, FAILED."""
     return PUBLIC_STATUS[JobState(job.state)]
+
+
+def job_state(session: Session, job_id: str) -> JobState:
+    """A job's current state, read fresh."""
+    return JobState(session.execute(select(Job.state).where(Job.id == job_id)).scalar_one())

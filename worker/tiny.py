@@ -13,22 +13,27 @@ from collections.abc import Iterator, Sequence
 
 import sentencepiece as spm
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, KolorsPipeline, UNet2DConditionModel
-from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
-from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, RMSNorm
+
+# Defining modules, not the `diffusers` top level: to mypy that level is the dummy placeholders.
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.pipelines.kolors.pipeline_kolors import KolorsPipeline
+from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel, RMSNorm
+from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 
 SEED = 20240706
 
-# ChatGLM appends these ids after the SentencePiece vocabulary ([MASK], [gMASK], [sMASK], sop,
-# eop and four role tokens), so the embedding table must cover them too.
-_CHATGLM_EXTRA_TOKENS = 9
 _PADDED_VOCAB = 1024
+# An upper bound: the small corpus stops training early (about 660 pieces), which still leaves
+# room for byte fallback's 256 pieces and every character of the corpus.
 _SP_VOCAB = 900
 _TEXT_HIDDEN = 32
 _TIME_EMBED = 8
 
-# Prompt-like text in both languages Kolors is used with. Trained from memory, not from a file:
-# a file path would be recorded in the model proto and builds would stop being byte-identical.
+# Prompt-like text in both languages Kolors is used with, Chinese with its own full-width
+# punctuation. Trained from memory, not from a file: a file path would be recorded in the model
+# proto and builds would stop being byte-identical.
 _CORPUS = """\
 a photo of a red fox sitting in the snow, soft morning light, highly detailed
 an oil painting of a lighthouse on a rocky coast at sunset, dramatic clouds
@@ -70,7 +75,7 @@ simple, minimal, flat design icon of a rocket, blue and orange
 秋天的银杏树下，金黄的落叶铺满小路
 熊猫在竹林里吃竹子，可爱，自然光
 江南水乡的清晨，小船，石板路，烟雨
-"""
+"""  # noqa: RUF001
 
 
 def _sentences() -> Iterator[str]:
@@ -113,13 +118,10 @@ def _init_text_encoder(model: ChatGLMModel) -> None:
             # Unit variance: with 0.02 the prompt barely moves the image.
             torch.nn.init.normal_(module.weight, mean=0.0, std=1.0)
             done.add(id(module.weight))
-        elif isinstance(module, RMSNorm | torch.nn.LayerNorm):
-            # RMSNorm allocates its weight with torch.empty.
+        elif isinstance(module, RMSNorm):
+            # RMSNorm allocates its weight with torch.empty, even outside skip_init.
             torch.nn.init.ones_(module.weight)
             done.add(id(module.weight))
-            if getattr(module, "bias", None) is not None:
-                torch.nn.init.zeros_(module.bias)
-                done.add(id(module.bias))
     missed = [name for name, param in model.named_parameters() if id(param) not in done]
     if missed:
         raise RuntimeError(f"tiny text encoder: no initialiser for {missed}")
@@ -133,7 +135,7 @@ def _check_finite(model: torch.nn.Module, what: str) -> None:
 
 
 def _text_encoder() -> ChatGLMModel:
-    config = ChatGLMConfig(
+    config = ChatGLMConfig(  # type: ignore[no-untyped-call]
         num_layers=2,
         padded_vocab_size=_PADDED_VOCAB,
         hidden_size=_TEXT_HIDDEN,
@@ -156,11 +158,11 @@ def _text_encoder() -> ChatGLMModel:
     )
     model = ChatGLMModel(config)
     _init_text_encoder(model)
-    return model.eval()
+    return model
 
 
 def _unet() -> UNet2DConditionModel:
-    unet = UNet2DConditionModel(
+    unet: UNet2DConditionModel = UNet2DConditionModel(
         sample_size=128,
         in_channels=4,
         out_channels=4,
@@ -182,12 +184,12 @@ def _unet() -> UNet2DConditionModel:
         projection_class_embeddings_input_dim=6 * _TIME_EMBED + _TEXT_HIDDEN,
     )
     _check_finite(unet, "unet")
-    return unet.eval()
+    return unet
 
 
 def _vae() -> AutoencoderKL:
     # Four levels like the real VAE, so latents are 1/8 of the image and the UNet stays cheap.
-    vae = AutoencoderKL(
+    vae: AutoencoderKL = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -201,11 +203,11 @@ def _vae() -> AutoencoderKL:
         mid_block_add_attention=False,
     )
     _check_finite(vae, "vae")
-    return vae.eval()
+    return vae
 
 
 def _scheduler() -> EulerDiscreteScheduler:
-    return EulerDiscreteScheduler(
+    scheduler: EulerDiscreteScheduler = EulerDiscreteScheduler(
         num_train_timesteps=1100,
         beta_start=0.00085,
         beta_end=0.014,
@@ -214,6 +216,7 @@ def _scheduler() -> EulerDiscreteScheduler:
         timestep_spacing="leading",
         steps_offset=1,
     )
+    return scheduler
 
 
 def _write_checkpoint(out: pathlib.Path) -> None:
@@ -223,7 +226,9 @@ def _write_checkpoint(out: pathlib.Path) -> None:
         # tokenizer never reads and rewrites the same file.
         sp_path = pathlib.Path(scratch) / "tokenizer.model"
         sp_path.write_bytes(_train_sentencepiece())
-        tokenizer = ChatGLMTokenizer(vocab_file=str(sp_path))
+        tokenizer = ChatGLMTokenizer(vocab_file=str(sp_path))  # type: ignore[no-untyped-call]
+        # ChatGLM appends nine special ids ([MASK] .. <|observation|>) after the SentencePiece
+        # ids, and the embedding table must have a row for every one of them.
         if tokenizer.vocab_size > _PADDED_VOCAB:
             raise RuntimeError(
                 f"tiny tokenizer: {tokenizer.vocab_size} ids do not fit in {_PADDED_VOCAB}"
@@ -236,14 +241,16 @@ def _write_checkpoint(out: pathlib.Path) -> None:
             unet = _unet()
             torch.manual_seed(SEED + 2)
             vae = _vae()
+        # diffusers annotates `scheduler` with the KarrasDiffusionSchedulers enum and the optional
+        # components as required; the values below are what from_pretrained itself passes.
         pipe = KolorsPipeline(
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             unet=unet,
-            scheduler=_scheduler(),
-            image_encoder=None,
-            feature_extractor=None,
+            scheduler=_scheduler(),  # type: ignore[arg-type]
+            image_encoder=None,  # type: ignore[arg-type]
+            feature_extractor=None,  # type: ignore[arg-type]
             force_zeros_for_empty_prompt=False,
         )
         pipe.save_pretrained(out, safe_serialization=True)
@@ -254,7 +261,7 @@ def _publishable(tree: pathlib.Path) -> None:
     for dirpath, _dirnames, filenames in os.walk(tree):
         # mkdtemp makes 0700 folders and safetensors writes 0600 files; workers may run as
         # another user.
-        os.chmod(dirpath, 0o755)
+        os.chmod(dirpath, os.stat(dirpath).st_mode | 0o555)  # noqa: S103
         for filename in filenames:
             path = os.path.join(dirpath, filename)
             os.chmod(path, os.stat(path).st_mode | 0o444)
@@ -315,9 +322,7 @@ def _publish(tmp: pathlib.Path, directory: pathlib.Path, *, replace: bool) -> pa
             # Never delete a folder we did not write: it may hold someone's files.
             raise FileExistsError(f"{directory} exists, is not empty and is not a checkpoint")
         # Move the old checkpoint aside first: the path is briefly absent, never half-written.
-        old = pathlib.Path(
-            tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent)
-        )
+        old = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
         with contextlib.suppress(FileNotFoundError):
             os.rename(directory, old / "checkpoint")
         try:
@@ -332,7 +337,7 @@ def _publish(tmp: pathlib.Path, directory: pathlib.Path, *, replace: bool) -> pa
 
 
 def build_tiny_checkpoint(directory: pathlib.Path) -> pathlib.Path:
-    """Write a tiny random-weight Kolors checkpoint in the diffusers folder layout to `directory`."""
+    """Write a tiny random-weight Kolors checkpoint, in diffusers' folder layout, to `directory`."""
     directory = pathlib.Path(directory)
     return _publish(_build_sibling(directory), directory, replace=True)
 

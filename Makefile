@@ -1,0 +1,36 @@
+# Two entry points: `make up` runs the farm, `make test` runs the tests.
+# Both create and use the virtual environment at .venv.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# `make up` serves the tiny random-weight checkpoint unless told otherwise, so it
+# works offline; set KOLORS_FARM_MODEL=Kwai-Kolors/Kolors-diffusers for real images.
+export KOLORS_FARM_MODEL ?= tiny
+
+.PHONY: up test lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: a bare requirement could pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet 'torch==2.13.0'
+	$(BIN)/pip install --quiet -e '.[worker,dev]'
+	touch $(STAMP)
+
+up: $(STAMP)
+	$(BIN)/kolors-farm up
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: $(STAMP) lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

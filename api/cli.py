@@ -1,0 +1,176 @@
+"""`kolors-farm`: run the farm, its pieces, and administer users and credits."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import click
+
+from shared.settings import Settings
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _credits(value: str) -> int:
+    from shared.pricing import credits_to_millicredits
+
+    try:
+        amount = credits_to_millicredits(Decimal(value))
+    except (InvalidOperation, ValueError) as exc:
+        raise click.BadParameter(f"{value!r} is not an amount of credits with at most "
+                                 "three decimals") from exc
+    if amount < 0:
+        raise click.BadParameter("credits cannot be negative")
+    return amount
+
+
+def _exec_worker_module(*args: str) -> None:
+    # The API side never imports the worker package (it pulls in torch); hand over the process.
+    argv = [sys.executable, "-m", "worker", *args]
+    os.execv(sys.executable, argv)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Kolors render farm: a Segmind-compatible Kolors API on your own GPUs.
+
+    Configuration comes from KOLORS_FARM_* environment variables (see the README).
+    """
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="API bind address.")
+@click.option("--port", default=8000, show_default=True, type=int, help="API port.")
+@click.option("--workers", "cpu_workers", default=1, show_default=True, type=click.IntRange(1),
+              help="CPU workers to start when no CUDA device is visible.")
+def up(host: str, port: int, cpu_workers: int) -> None:
+    """Run the whole farm on this machine in the foreground (Ctrl-C stops it).
+
+    Applies migrations, starts a private Redis when KOLORS_FARM_REDIS_URL is unset,
+    one worker per visible CUDA device (else --workers CPU workers), and the API.
+    """
+    from api.launcher import run_farm
+
+    _configure_logging()
+    sys.exit(run_farm(_settings(), host=host, port=port, cpu_workers=cpu_workers))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--processes", default=1, show_default=True, type=click.IntRange(1),
+              help="gunicorn worker processes.")
+@click.option("--threads", default=32, show_default=True, type=click.IntRange(1),
+              help="Threads per process (each synchronous request holds one while it waits).")
+def api(host: str, port: int, processes: int, threads: int) -> None:
+    """Serve the HTTP API."""
+    from api.server import serve
+
+    _configure_logging()
+    serve(_settings(), host, port, processes, threads)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--device", default=None,
+              help="cuda:N, cpu or auto (default: KOLORS_FARM_DEVICE, else auto).")
+@click.option("--name", default=None, help="Celery node name (default: <device>@<host>).")
+def worker(device: str | None, name: str | None) -> None:
+    """Run one render worker (one process per device); exits non-zero if the model fails to load."""
+    args = ["worker"]
+    if device:
+        args += ["--device", device]
+    if name:
+        args += ["--name", name]
+    _exec_worker_module(*args)
+
+
+@main.command()
+def migrate() -> None:
+    """Apply database migrations."""
+    from shared.migrate import migrate_database
+
+    _configure_logging()
+    settings = _settings()
+    migrate_database(settings.resolved_database_url)
+    click.echo("database is up to date")
+
+
+@main.command("tiny-model")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def tiny_model(directory: Path) -> None:
+    """Write a tiny random-weight Kolors checkpoint (its images are noise) to DIRECTORY."""
+    _exec_worker_module("tiny-model", str(directory))
+
+
+@main.group()
+def users() -> None:
+    """Manage users."""
+
+
+@users.command("create")
+@click.argument("name")
+@click.option("--tenant", default=None, help="Tenant (team) name; defaults to the user's name.")
+@click.option("--credits", "credit_text", default="0", show_default=True,
+              help="Initial credits (up to three decimals).")
+def users_create(name: str, tenant: str | None, credit_text: str) -> None:
+    """Create a user; prints its new API key alone on the last line."""
+    from shared.accounts import create_user
+    from shared.db import make_engine, make_session_factory, transaction
+    from shared.errors import FarmError
+    from shared.pricing import format_credits
+
+    amount = _credits(credit_text)
+    engine = make_engine(_settings().resolved_database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            user, key = create_user(session, name, tenant or name, amount)
+    except FarmError as exc:
+        raise click.ClickException(exc.message) from exc
+    finally:
+        engine.dispose()
+    click.echo(f"created user {user.name!r} (tenant {tenant or name!r}) with "
+               f"{format_credits(amount)} credits; its API key (shown once):")
+    click.echo(key)
+
+
+@main.group()
+def credits() -> None:
+    """Manage credits."""
+
+
+@credits.command("grant")
+@click.argument("name")
+@click.argument("amount")
+def credits_grant(name: str, amount: str) -> None:
+    """Add AMOUNT credits to user NAME (a ledger entry)."""
+    from shared.accounts import find_user
+    from shared.db import make_engine, make_session_factory, transaction
+    from shared.errors import FarmError
+    from shared.ledger import grant_credits
+    from shared.pricing import format_credits
+
+    millicredits = _credits(amount)
+    if millicredits == 0:
+        raise click.BadParameter("a grant must be positive")
+    engine = make_engine(_settings().resolved_database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            user = find_user(session, name)
+            balance = grant_credits(session, user.id, millicredits, note="granted by operator")
+    except FarmError as exc:
+        raise click.ClickException(exc.message) from exc
+    finally:
+        engine.dispose()
+    click.echo(f"granted {format_credits(millicredits)} credits to {name!r}; "
+               f"balance {format_credits(balance)}")

@@ -1,0 +1,69 @@
+"""JSON errors everywhere: Segmind's `error` string plus RFC 9457 problem fields."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from flask import Flask, Response, jsonify
+from sqlalchemy.exc import InterfaceError, OperationalError
+from werkzeug.exceptions import HTTPException
+
+from shared.errors import FarmError, InvalidParams, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def problem(status: int, title: str, error: str, **extra: Any) -> Response:
+    """A JSON error response: `error` for Segmind's SDK, `type/title/status/detail` for RFC 9457."""
+    body = {"error": error, "type": "about:blank", "title": title, "status": status,
+            "detail": error, **extra}
+    response = jsonify(body)
+    response.status_code = status
+    response.content_type = "application/problem+json"
+    return response
+
+
+def _farm_error(exc: FarmError) -> Response:
+    extra: dict[str, Any] = {}
+    if isinstance(exc, InvalidParams):
+        extra["errors"] = [{"field": p.field, "rule": p.rule, "message": p.message}
+                           for p in exc.problems]
+    response = problem(exc.status, exc.title, exc.message, **extra)
+    if isinstance(exc, ServiceUnavailable):
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response
+
+
+def _http_error(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    messages = {
+        404: "Not found",
+        405: "Method not allowed",
+        413: "Request body too large",
+    }
+    response = problem(status, exc.name, messages.get(status, exc.description or exc.name))
+    if status == 405 and exc.get_response().headers.get("Allow"):
+        response.headers["Allow"] = exc.get_response().headers["Allow"]
+    return response
+
+
+def _unavailable(exc: Exception) -> Response:
+    log.warning("dependency unavailable: %s", type(exc).__name__)
+    return _farm_error(ServiceUnavailable("A backing service is unavailable; retry shortly"))
+
+
+def _unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error")
+    return problem(500, "Internal error", "Internal server error")
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Map every error to a JSON body; nothing internal leaks."""
+    app.register_error_handler(FarmError, _farm_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(OperationalError, _unavailable)
+    app.register_error_handler(InterfaceError, _unavailable)
+    app.register_error_handler(redis.RedisError, _unavailable)
+    app.register_error_handler(Exception, _unexpected)

@@ -1,0 +1,43 @@
+"""Serve the API with gunicorn's threaded workers, so synchronous waits never block others."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+from gunicorn.app.base import BaseApplication
+
+from shared.settings import Settings
+
+
+class _GunicornApp(BaseApplication):  # type: ignore[misc]
+    def __init__(self, settings: Settings, options: dict[str, Any]) -> None:
+        self._settings = settings
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Flask:
+        # Built in each worker process after the fork: no shared connections.
+        from api.app import create_app
+
+        return create_app(self._settings)
+
+
+def serve(settings: Settings, host: str, port: int, processes: int, threads: int) -> None:
+    """Run the API until SIGTERM/SIGINT."""
+    _GunicornApp(settings, {
+        "bind": f"{host}:{port}",
+        "workers": processes,
+        "worker_class": "gthread",
+        "threads": threads,
+        # gthread workers heartbeat from their main loop; this only bounds a stuck process.
+        "timeout": int(settings.sync_timeout_s) + 60,
+        "graceful_timeout": 10,
+        "accesslog": "-",
+        "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+        "loglevel": "info",
+    }).run()

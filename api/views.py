@@ -1,0 +1,272 @@
+"""Segmind-compatible routes: parse, call `shared`, serialize."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, g, jsonify, request, url_for
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy import text
+
+from api.auth import authenticated, current_principal
+from api.context import farm
+from api.errors import problem
+from shared.db import transaction
+from shared.errors import InvalidParams, ServiceUnavailable
+from shared.events import live_workers, read_progress, request_cancel, wait_for_job
+from shared.jobs import (
+    cancel_job,
+    fail_job,
+    get_job,
+    job_state,
+    public_status,
+    queue_position,
+    submit_job,
+)
+from shared.ledger import get_balance
+from shared.models import TERMINAL_STATES, Job, JobState
+from shared.params import KolorsParams, parse_params
+from shared.pricing import format_credits
+from shared.queue import publish_render
+
+log = logging.getLogger(__name__)
+bp = Blueprint("kolors", __name__)
+
+FAILED_HTTP_STATUS = 422  # Segmind serves FAILED bodies with 422; its SDK expects that.
+
+
+def _request_fields() -> dict[str, Any]:
+    """The request's parameters from a JSON object or form data, as sent."""
+    if request.is_json:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise InvalidParams.single("body", "json_object", "must be a JSON object")
+        return body
+    return request.form.to_dict(flat=True)
+
+
+def _submit(params: KolorsParams) -> Job:
+    """Commit a job with its hold, then publish it; a failed publish fails the job cleanly."""
+    context = farm()
+    with transaction(context.sessions) as session:
+        job = submit_job(session, current_principal(), params, context.settings.price_per_image)
+        g.balance = get_balance(session, current_principal().user_id)
+    try:
+        publish_render(context.celery, job.id)
+    except (BrokerError, OSError) as exc:
+        log.error("could not publish job %s: %s", job.id, type(exc).__name__)
+        with transaction(context.sessions) as session:
+            fail_job(session, job.id, "The render queue is unavailable; no credits were charged")
+            g.balance = get_balance(session, current_principal().user_id)
+        raise ServiceUnavailable("The render queue is unavailable; retry shortly") from exc
+    log.info("job %s queued for user %s", job.id, current_principal().user_id)
+    return job
+
+
+def _external_url(endpoint: str, **values: Any) -> str:
+    base = farm().settings.public_base_url
+    if base:
+        return base.rstrip("/") + url_for(endpoint, **values)
+    return url_for(endpoint, _external=True, **values)
+
+
+def _job_urls(job_id: str) -> dict[str, str]:
+    status_url = _external_url("kolors.job_status", job_id=job_id)
+    return {
+        "status_url": status_url,
+        "response_url": _external_url("kolors.job_result", job_id=job_id),
+        "poll_url": status_url,
+    }
+
+
+def _load_job(job_id: str) -> Job:
+    with transaction(farm().sessions) as session:
+        job = get_job(session, current_principal(), job_id)
+        _ = job.images  # load while the session is open
+        return job
+
+
+def _failure_fields(job: Job) -> dict[str, Any]:
+    if job.state == JobState.CANCELLED.value:
+        return {"error": job.error or "Cancelled", "cancelled": True}
+    if job.state == JobState.FAILED.value:
+        return {"error": job.error or "Render failed"}
+    return {}
+
+
+def _json(body: dict[str, Any], job: Job) -> Response:
+    response = jsonify(body)
+    if public_status(job) == "FAILED":
+        response.status_code = FAILED_HTTP_STATUS
+    return response
+
+
+@bp.post("/v1/kolors")
+@authenticated
+def kolors_sync() -> Response:
+    """Render and wait; answer the first image's bytes, or JSON with every image."""
+    params = parse_params(_request_fields())
+    want_json = params.base64 or request.accept_mimetypes.best == "application/json"
+    job = _submit(params)
+    context = farm()
+
+    def finished() -> bool:
+        with transaction(context.sessions) as session:
+            return job_state(session, job.id) in TERMINAL_STATES
+
+    if not wait_for_job(context.redis, job.id, finished, context.settings.sync_timeout_s):
+        return problem(504, "Timed out", "The render did not finish in time; it goes on, poll "
+                       "the status URL", request_id=job.id, **_job_urls(job.id))
+    job = _load_job(job.id)
+    if public_status(job) == "FAILED" or not job.images:
+        fields = _failure_fields(job) or {"error": "Render failed"}
+        return problem(FAILED_HTTP_STATUS, "Render failed", fields.pop("error"),
+                       request_id=job.id, **fields)
+    images = [context.storage.get(image.storage_key) for image in job.images]
+    if want_json:
+        encoded = [base64.b64encode(data).decode("ascii") for data in images]
+        return jsonify({
+            "request_id": job.id, "status": "COMPLETED", "image": encoded[0], "images": encoded,
+            "seeds": [image.seed for image in job.images],
+            "content_type": job.images[0].content_type,
+        })
+    response = Response(images[0], mimetype=job.images[0].content_type)
+    response.headers["x-request-id"] = job.id
+    response.headers["x-seed"] = str(job.images[0].seed)
+    return response
+
+
+@bp.post("/v2/kolors")
+@authenticated
+def kolors_async() -> tuple[Response, int]:
+    """Queue a render; answer its id and the URLs to poll."""
+    job = _submit(parse_params(_request_fields()))
+    return jsonify({"request_id": job.id, "status": "QUEUED", **_job_urls(job.id)}), 202
+
+
+@bp.get("/v2/requests/<job_id>/status")
+@authenticated
+def job_status(job_id: str) -> Response:
+    """The job's state, progress, queue position; FAILED is served with 422."""
+    context = farm()
+    with transaction(context.sessions) as session:
+        job = get_job(session, current_principal(), job_id)
+        position = queue_position(session, job)
+    body: dict[str, Any] = {"request_id": job.id, "status": public_status(job),
+                            **_failure_fields(job), **_timestamps(job)}
+    if job.state == JobState.QUEUED.value:
+        body["queue_position"] = position
+    progress = read_progress(context.redis, job.id) if job.state == JobState.RUNNING.value else None
+    body["progress"] = {
+        "images_done": job.images_done,
+        "images": job.number_of_images,
+        "step": progress.step if progress else 0,
+        "steps": progress.steps if progress else job.params["steps"],
+    }
+    return _json(body, job)
+
+
+def _timestamps(job: Job) -> dict[str, str | None]:
+    return {name: value.isoformat() if value else None for name, value in (
+        ("created_at", job.created_at), ("started_at", job.started_at),
+        ("finished_at", job.finished_at))}
+
+
+@bp.get("/v2/requests/<job_id>")
+@authenticated
+def job_result(job_id: str) -> Response:
+    """The result: image URLs, their seeds, and timing metrics."""
+    job = _load_job(job_id)
+    metrics: dict[str, float] = {}
+    if job.started_at:
+        metrics["queue_seconds"] = round((job.started_at - job.created_at).total_seconds(), 3)
+    if job.finished_at and job.started_at:
+        metrics["render_seconds"] = round((job.finished_at - job.started_at).total_seconds(), 3)
+    if job.finished_at:
+        metrics["total_seconds"] = round((job.finished_at - job.created_at).total_seconds(), 3)
+    body: dict[str, Any] = {
+        "request_id": job.id,
+        "status": public_status(job),
+        "output": [_external_url("kolors.job_image", job_id=job.id, index=image.index)
+                   for image in job.images],
+        "seeds": [image.seed for image in job.images],
+        "metrics": metrics,
+        "parameters": job.params | {"seed": job.seed},
+        **_failure_fields(job),
+    }
+    return _json(body, job)
+
+
+@bp.get("/v2/requests/<job_id>/images/<int:index>")
+@authenticated
+def job_image(job_id: str, index: int) -> Response:
+    """One delivered image's bytes."""
+    job = _load_job(job_id)
+    image = next((image for image in job.images if image.index == index), None)
+    if image is None:
+        return problem(404, "Not found", f"Request {job_id!r} has no image {index}")
+    response = Response(farm().storage.get(image.storage_key), mimetype=image.content_type)
+    response.headers["x-seed"] = str(image.seed)
+    response.headers["Cache-Control"] = "private, max-age=86400, immutable"
+    return response
+
+
+@bp.delete("/v2/requests/<job_id>")
+@bp.post("/v2/requests/<job_id>/cancel")
+@authenticated
+def job_cancel(job_id: str) -> Response:
+    """Cancel: a queued job ends now, a running one at its next step; repeats are harmless."""
+    context = farm()
+    with transaction(context.sessions) as session:
+        before = get_job(session, current_principal(), job_id).state
+        job = cancel_job(session, current_principal(), job_id)
+    if job.state == JobState.RUNNING.value:
+        request_cancel(context.redis, job.id)
+    body: dict[str, Any] = {"request_id": job.id, "status": public_status(job),
+                            **_failure_fields(job)}
+    if JobState(before) in TERMINAL_STATES:
+        body["detail"] = f"The request had already ended ({public_status(job)}); nothing changed"
+    elif job.state == JobState.RUNNING.value:
+        body["detail"] = "Cancelling: the render stops at its next step"
+        body["cancelled"] = True
+    return jsonify(body)
+
+
+@bp.get("/v1/get-user-credits")
+@authenticated
+def user_credits() -> Response:
+    """The caller's spendable credits."""
+    with transaction(farm().sessions) as session:
+        g.balance = get_balance(session, current_principal().user_id)
+    return jsonify({"credits": format_credits(g.balance)})
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """Liveness: the process answers."""
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    """Readiness: the database and Redis answer; lists live workers."""
+    context = farm()
+    checks: dict[str, str] = {}
+    try:
+        with context.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
+        checks["database"] = f"unavailable ({type(exc).__name__})"
+    workers: dict[str, Any] = {}
+    try:
+        context.redis.ping()
+        checks["redis"] = "ok"
+        workers = live_workers(context.redis)
+    except Exception as exc:  # noqa: BLE001
+        checks["redis"] = f"unavailable ({type(exc).__name__})"
+    ready = all(value == "ok" for value in checks.values())
+    body = {"ready": ready, "checks": checks, "workers": workers}
+    return jsonify(body), 200 if ready else 503

@@ -1,0 +1,98 @@
+"""The worker process: load the model (fatal on failure), then consume render messages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+
+from celery import Celery
+
+from shared.db import make_engine, make_session_factory
+from shared.events import make_redis, record_heartbeat, worker_key
+from shared.queue import RENDER_QUEUE, RENDER_TASK, make_celery
+from shared.settings import Settings
+from shared.storage import make_storage
+from worker.pipeline import KolorsRenderer
+from worker.service import WorkerContext, run_render_job
+
+log = logging.getLogger(__name__)
+
+
+def register_render_task(app: Celery, context: WorkerContext) -> None:
+    """Bind the render task (by name) to this process's loaded pipeline."""
+
+    @app.task(name=RENDER_TASK, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+    def render(job_id: str) -> None:
+        run_render_job(context, job_id)
+
+
+def _heartbeat_loop(context: WorkerContext, stop: threading.Event) -> None:
+    info = {"device": str(context.renderer.device), "model": context.renderer.model_id,
+            "pid": os.getpid(), "host": socket.gethostname()}
+    interval = context.settings.heartbeat_interval_s
+    while not stop.is_set():
+        try:
+            record_heartbeat(context.redis, context.name, info, ttl_s=interval * 3)
+        except Exception as exc:  # noqa: BLE001 - a missed heartbeat is retried, never fatal
+            log.warning("heartbeat failed: %s", type(exc).__name__)
+        stop.wait(interval)
+
+
+def run_worker(settings: Settings, device: str | None, name: str | None) -> int:
+    """Load the pipeline, then serve render jobs until stopped; 1 if loading fails."""
+    device = device or settings.device
+    name = name or f"{device.replace(':', '')}@{socket.gethostname()}"
+    try:
+        renderer = KolorsRenderer.load(settings, device)
+    except Exception:
+        # Celery would swallow this in a signal handler; failing here keeps the process honest.
+        log.exception("could not load the Kolors pipeline (KOLORS_FARM_MODEL=%s)", settings.model)
+        return 1
+    engine = make_engine(settings.resolved_database_url)
+    context = WorkerContext(
+        name=name, settings=settings, sessions=make_session_factory(engine),
+        redis=make_redis(settings.require_redis_url()),
+        storage=make_storage(settings.resolved_storage_url), renderer=renderer,
+    )
+    app = make_celery(settings)
+    register_render_task(app, context)
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat_loop, args=(context, stop), daemon=True,
+                     name="heartbeat").start()
+    try:
+        app.worker_main([
+            "worker", "--pool=solo", "--concurrency=1", f"--hostname={name}",
+            f"--queues={RENDER_QUEUE}", "--without-gossip", "--without-mingle",
+            "--without-heartbeat", "--loglevel=INFO",
+        ])
+    finally:
+        stop.set()
+        context.redis.delete(worker_key(name))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m worker worker [--device D] [--name N]` and `python -m worker tiny-model DIR`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="kolors-farm", description="Kolors render worker")
+    commands = parser.add_subparsers(dest="command", required=True)
+    worker = commands.add_parser("worker", help="run one render worker")
+    worker.add_argument("--device", default=None)
+    worker.add_argument("--name", default=None)
+    tiny = commands.add_parser("tiny-model", help="write a tiny random-weight checkpoint")
+    tiny.add_argument("directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "tiny-model":
+        from pathlib import Path
+
+        from worker.tiny import build_tiny_checkpoint
+
+        print(build_tiny_checkpoint(Path(args.directory)))
+        return
+    sys.exit(run_worker(Settings(), args.device, args.name))

@@ -1,0 +1,122 @@
+"""Load the Kolors pipeline once and render with it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import KolorsPipeline
+from PIL import Image
+
+from shared.params import SCHEDULERS, KolorsParams
+from shared.settings import Settings
+from worker.tiny import ensure_tiny_checkpoint
+
+log = logging.getLogger(__name__)
+
+TINY_MODEL = "tiny"
+StepCallback = Callable[[int, int], None]
+StopCheck = Callable[[], bool]
+
+
+def resolve_device(requested: str) -> torch.device:
+    """`auto` picks the first CUDA device when there is one, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on the CPU."""
+    if requested != "auto":
+        dtype: torch.dtype = getattr(torch, requested)
+        return dtype
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_model_source(settings: Settings) -> str:
+    """A folder or hub id to load; `tiny` builds the tiny checkpoint once under the data dir."""
+    if settings.model == TINY_MODEL:
+        return str(ensure_tiny_checkpoint(settings.tiny_model_dir))
+    return settings.model
+
+
+class KolorsRenderer:
+    """One loaded pipeline on one device; renders one job's images at a time."""
+
+    def __init__(self, pipe: KolorsPipeline, device: torch.device, model_id: str) -> None:
+        self.pipe = pipe
+        self.device = device
+        self.model_id = model_id
+        self._scheduler_config = dict(pipe.scheduler.config)
+        self._schedulers: dict[str, Any] = {}
+        pipe.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def load(cls, settings: Settings, device_name: str) -> KolorsRenderer:
+        """Load the configured model onto the device; any failure propagates (and is fatal)."""
+        device = resolve_device(device_name)
+        dtype = resolve_dtype(settings.dtype, device)
+        source = resolve_model_source(settings)
+        started = time.perf_counter()
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if dtype == torch.float16 and not Path(source).is_dir():
+            kwargs["variant"] = "fp16"  # the hub checkpoint ships half-precision weights
+        pipe = KolorsPipeline.from_pretrained(source, **kwargs)
+        pipe.to(device)
+        log.info("loaded %s on %s as %s in %.1f s", settings.model, device, dtype,
+                 time.perf_counter() - started)
+        return cls(pipe, device, settings.model)
+
+    def scheduler(self, name: str) -> Any:
+        """The named scheduler, built once from the model's own scheduler config."""
+        if name not in SCHEDULERS:
+            raise ValueError(f"unsupported scheduler {name!r}")
+        if name not in self._schedulers:
+            self._schedulers[name] = getattr(diffusers, name).from_config(self._scheduler_config)
+        return self._schedulers[name]
+
+    def render(
+        self, params: KolorsParams, seeds: list[int], on_step: StepCallback, should_stop: StopCheck
+    ) -> list[Image.Image] | None:
+        """Render one image per seed; None if `should_stop` interrupted the loop."""
+        self.pipe.scheduler = self.scheduler(params.scheduler)
+        # CPU generators give the same starting noise on every device type.
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        interrupted = False
+
+        def step_end(pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            nonlocal interrupted
+            on_step(step + 1, pipe.num_timesteps)
+            if should_stop():
+                interrupted = True
+                pipe._interrupt = True  # diffusers' documented way to stop the loop
+            return kwargs
+
+        with torch.inference_mode():
+            result = self.pipe(
+                prompt=params.prompt,
+                negative_prompt=params.negative_prompt,
+                guidance_scale=params.cfg,
+                num_inference_steps=params.steps,
+                width=params.width,
+                height=params.height,
+                num_images_per_prompt=len(seeds),
+                generator=generators,
+                callback_on_step_end=step_end,
+                output_type="pil",
+            )
+        if interrupted:
+            return None  # the VAE decoded partial latents; they are not a result
+        images: list[Image.Image] = result.images
+        return images
