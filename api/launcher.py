@@ -23,6 +23,7 @@ from shared.settings import Settings
 
 log = logging.getLogger("kolors_farm.up")
 STARTUP_TIMEOUT_S = 600.0
+REDIS_CHILD = "redis"
 
 
 @dataclass
@@ -42,12 +43,17 @@ class Children:
                 if (code := proc.poll()) is not None]
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM every child, then SIGKILL what is left after `grace_s`."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
+        """SIGTERM the API and workers, then Redis last (they need it to shut down cleanly)."""
+        self._stop([n for n in self.procs if n != REDIS_CHILD], grace_s)
+        self._stop([n for n in self.procs if n == REDIS_CHILD], grace_s)
+
+    def _stop(self, names: list[str], grace_s: float) -> None:
+        for name in names:
+            if self.procs[name].poll() is None:
+                self.procs[name].terminate()
         deadline = time.monotonic() + grace_s
-        for name, proc in self.procs.items():
+        for name in names:
+            proc = self.procs[name]
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -102,8 +108,10 @@ def worker_plan(devices: list[str], cpu_workers: int, host: str) -> list[tuple[s
     if devices:
         return [(f"gpu{d}@{host}", {"CUDA_VISIBLE_DEVICES": d, "KOLORS_FARM_DEVICE": "cuda:0"})
                 for d in devices]
-    return [(f"cpu{i}@{host}", {"CUDA_VISIBLE_DEVICES": "", "KOLORS_FARM_DEVICE": "cpu"})
-            for i in range(cpu_workers)]
+    # CPU workers split the cores: oversubscribed OpenMP threads spin and slow every render.
+    threads = str(max(1, (os.cpu_count() or 1) // cpu_workers))
+    return [(f"cpu{i}@{host}", {"CUDA_VISIBLE_DEVICES": "", "KOLORS_FARM_DEVICE": "cpu",
+                                "OMP_NUM_THREADS": threads}) for i in range(cpu_workers)]
 
 
 def _wait_ready(url: str, redis_url: str, children: Children) -> bool:
@@ -141,7 +149,7 @@ def run_farm(settings: Settings, host: str, port: int, cpu_workers: int) -> int:
     try:
         if not settings.redis_url:
             redis_port = free_port()
-            children.start("redis", redis_argv(redis_server_binary(), redis_port,
+            children.start(REDIS_CHILD, redis_argv(redis_server_binary(), redis_port,
                                                settings.data_dir / "redis"), env)
             env["KOLORS_FARM_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             _wait_for_redis(env["KOLORS_FARM_REDIS_URL"])

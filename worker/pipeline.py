@@ -10,7 +10,7 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import KolorsPipeline
+from diffusers.pipelines.kolors.pipeline_kolors import KolorsPipeline
 from PIL import Image
 
 from shared.params import SCHEDULERS, KolorsParams

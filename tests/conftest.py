@@ -1,0 +1,184 @@
+"""Fixtures on real parts: a private Redis server, SQLite files, a PostgreSQL database."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.app import create_app
+from api.launcher import free_port, redis_argv, redis_server_binary
+from shared.accounts import Principal, create_user
+from shared.db import make_engine, make_session_factory, transaction
+from shared.migrate import migrate_database
+from shared.settings import Settings
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "KOLORS_FARM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@dataclass
+class RedisServer:
+    """A redis-server process the tests own."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    port: int
+
+
+def start_redis(data_dir: Path) -> RedisServer:
+    """Start a private, non-persistent redis-server on a free port."""
+    port = free_port()
+    argv = redis_argv(redis_server_binary(), port, data_dir)
+    argv[argv.index("--appendonly") + 1] = "no"
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise
+            time.sleep(0.05)
+    return RedisServer(url=url, process=process, port=port)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.process.terminate()
+    server.process.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session."""
+    admin = sqlalchemy.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"kolors_farm_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sqlalchemy.exc.OperationalError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI but unreachable: {exc}")
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}")
+    url = sqlalchemy.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(
+        hide_password=False)
+    migrate_database(url)
+    yield url
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+TABLES = ("ledger_entries", "job_images", "jobs", "api_keys", "users", "tenants")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated, empty database: a new SQLite file, or the session's PostgreSQL emptied."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'farm.db'}"
+        migrate_database(url)
+        return url
+    url: str = request.getfixturevalue("postgres_database")
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    return make_session_factory(engine)
+
+
+@pytest.fixture
+def settings(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "var", database_url=database_url, redis_url=redis_url,
+                    price_per_image=Decimal("1"), sync_timeout_s=5)
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[Flask]:
+    app = create_app(settings)
+    yield app
+    app.extensions["kolors_farm"].engine.dispose()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@dataclass
+class ApiUser:
+    """A user with its clear API key."""
+
+    principal: Principal
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"x-api-key": self.key}
+
+
+def make_user(sessions: sessionmaker[Session], name: str, millicredits: int,
+              tenant: str | None = None) -> ApiUser:
+    """Create a user the way the CLI does."""
+    with transaction(sessions) as session:
+        user, key = create_user(session, name, tenant or name, millicredits)
+        principal = Principal(user_id=user.id, tenant_id=user.tenant_id, user_name=user.name)
+    return ApiUser(principal=principal, key=key)
+
+
+@pytest.fixture
+def alice(sessions: sessionmaker[Session]) -> ApiUser:
+    return make_user(sessions, "alice", 10_000)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight checkpoint, built once per session (offline, about a second)."""
+    from worker.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def have_redis_binary() -> bool:
+    return shutil.which("redis-server") is not None
