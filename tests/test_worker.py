@@ -1,0 +1,181 @@
+"""The render path in-process: the real KolorsPipeline on the tiny checkpoint, real DB, Redis, disk."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import transaction
+from shared.events import make_redis, read_progress, request_cancel
+from shared.jobs import submit_job
+from shared.ledger import get_balance, ledger_balance
+from shared.models import Job, JobImage
+from shared.params import KolorsParams
+from shared.settings import Settings
+from shared.storage import LocalStorage
+from tests.conftest import ApiUser
+from worker.pipeline import KolorsRenderer
+from worker.service import WorkerContext, run_render_job
+
+
+@pytest.fixture(scope="module")
+def renderer(tiny_model_dir: Path) -> KolorsRenderer:
+    return KolorsRenderer.load(Settings(model=str(tiny_model_dir)), "cpu")
+
+
+@pytest.fixture
+def context(settings: Settings, sessions: sessionmaker[Session], renderer: KolorsRenderer,
+            tmp_path: Path) -> Iterator[WorkerContext]:
+    yield WorkerContext(name="test-worker", settings=settings, sessions=sessions,
+                        redis=make_redis(settings.require_redis_url()),
+                        storage=LocalStorage(tmp_path / "results"), renderer=renderer)
+
+
+def render(context: WorkerContext, user: ApiUser, **params: object) -> Job:
+    fields = {"prompt": "a fox", "width": 512, "height": 512, "steps": 4, **params}
+    with transaction(context.sessions) as session:
+        job = submit_job(session, user.principal, KolorsParams.model_validate(fields), Decimal(1))
+    run_render_job(context, job.id)
+    with transaction(context.sessions) as session:
+        job = session.get_one(Job, job.id)
+        _ = job.images
+        return job
+
+
+def image_bytes(context: WorkerContext, job: Job, index: int = 0) -> bytes:
+    return context.storage.get(job.images[index].storage_key)
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+
+
+def test_renders_stores_records_and_charges(context: WorkerContext, alice: ApiUser) -> None:
+    job = render(context, alice, number_of_images=2, output_format="png")
+    assert job.state == "COMPLETED" and job.attempt == 1
+    assert [image.index for image in job.images] == [0, 1]
+    assert [image.seed for image in job.images] == [441234134, 441234135]
+    for image in job.images:
+        decoded = Image.open(io.BytesIO(context.storage.get(image.storage_key)))
+        assert decoded.format == "PNG" and decoded.size == (512, 512)
+        assert image.storage_key == f"{alice.principal.tenant_id}/{job.id}/{image.index}.png"
+    with transaction(context.sessions) as session:
+        # 512x512 at 4 steps: ceil(1000 * 0.25 * 4 / 25) = 40 millicredits an image.
+        assert get_balance(session, alice.principal.user_id) == 10_000 - 80
+        assert ledger_balance(session, alice.principal.user_id) == 10_000 - 80
+    progress = read_progress(context.redis, job.id)
+    assert progress is not None and progress.step == progress.steps == 4
+    assert progress.images_done == 1  # written before the last image was recorded
+
+
+def test_same_seed_same_image_other_seed_other_image(context: WorkerContext,
+                                                     alice: ApiUser) -> None:
+    first = image_bytes(context, render(context, alice, seed=7, output_format="png"))
+    again = image_bytes(context, render(context, alice, seed=7, output_format="png"))
+    other = image_bytes(context, render(context, alice, seed=8, output_format="png"))
+    assert first == again
+    assert np.abs(pixels(first) - pixels(other)).mean() > 5
+
+
+def test_image_i_reproduces_alone_with_seed_plus_i(context: WorkerContext,
+                                                   alice: ApiUser) -> None:
+    batch = render(context, alice, seed=100, number_of_images=3, output_format="png")
+    alone = render(context, alice, seed=102, output_format="png")
+    assert image_bytes(context, batch, 2) == image_bytes(context, alone)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("prompt", "一只红色的狐狸"),
+    ("negative_prompt", "blurry"),
+    ("cfg", 2.0),
+    ("steps", 6),
+    ("scheduler", "DDIMScheduler"),
+])
+def test_each_parameter_reaches_the_pipeline(context: WorkerContext, alice: ApiUser,
+                                             name: str, value: object) -> None:
+    base = pixels(image_bytes(context, render(context, alice, seed=3, output_format="png")))
+    changed = pixels(image_bytes(context, render(context, alice, seed=3, output_format="png",
+                                                 **{name: value})))
+    assert np.abs(base - changed).mean() > 0.1
+
+
+def test_size_format_and_quality_reach_the_encoder(context: WorkerContext,
+                                                   alice: ApiUser) -> None:
+    wide = render(context, alice, width=768, height=512, output_format="jpeg", output_quality=95)
+    low = render(context, alice, width=768, height=512, output_format="jpeg", output_quality=20)
+    webp = render(context, alice, output_format="webp")
+    decoded = Image.open(io.BytesIO(image_bytes(context, wide)))
+    assert decoded.format == "JPEG" and decoded.size == (768, 512)
+    assert len(image_bytes(context, low)) < len(image_bytes(context, wide))
+    assert Image.open(io.BytesIO(image_bytes(context, webp))).format == "WEBP"
+    assert webp.images[0].content_type == "image/webp"
+
+
+def test_random_seed_is_resolved_and_reported(context: WorkerContext, alice: ApiUser) -> None:
+    job = render(context, alice, seed=-1)
+    assert 0 <= job.seed < 2**32
+    assert job.images[0].seed == job.seed
+
+
+def test_storage_failure_fails_the_job_and_releases_credits(
+    context: WorkerContext, alice: ApiUser, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the results folder should be")
+    context.storage = LocalStorage(blocker)
+    job = render(context, alice, number_of_images=2)
+    assert job.state == "FAILED"
+    assert job.error == "The render failed on the worker; the credits were released"
+    assert job.images == []
+    with transaction(context.sessions) as session:
+        assert get_balance(session, alice.principal.user_id) == 10_000
+        assert ledger_balance(session, alice.principal.user_id) == 10_000
+
+
+def test_cancel_mid_render_stops_and_charges_only_delivered(
+    context: WorkerContext, alice: ApiUser
+) -> None:
+    with transaction(context.sessions) as session:
+        job = submit_job(session, alice.principal, KolorsParams(
+            prompt="x", width=512, height=512, steps=4, number_of_images=3), Decimal(1))
+    calls = 0
+    original = context.renderer.render
+
+    def render_then_cancel(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # a cancel arrives while the second image renders
+            with transaction(context.sessions) as session:
+                session.get_one(Job, job.id).cancel_requested = True
+            request_cancel(context.redis, job.id)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    context.renderer.render = render_then_cancel  # type: ignore[method-assign]
+    try:
+        run_render_job(context, job.id)
+    finally:
+        del context.renderer.render
+    with transaction(context.sessions) as session:
+        done = session.get_one(Job, job.id)
+        assert done.state == "CANCELLED"
+        assert list(session.scalars(select(JobImage.index).where(JobImage.job_id == job.id))) == [0]
+        assert get_balance(session, alice.principal.user_id) == 10_000 - 40
+    assert calls == 2
+
+
+def test_a_message_for_a_finished_job_does_nothing(context: WorkerContext,
+                                                   alice: ApiUser) -> None:
+    job = render(context, alice)
+    run_render_job(context, job.id)  # a redelivered message
+    with transaction(context.sessions) as session:
+        again = session.get_one(Job, job.id)
+        assert again.attempt == 1 and again.images_done == 1
+        assert get_balance(session, alice.principal.user_id) == 10_000 - 40
