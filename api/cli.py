@@ -18,8 +18,9 @@ def _settings() -> Settings:
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _credits(value: str) -> int:
@@ -28,8 +29,9 @@ def _credits(value: str) -> int:
     try:
         amount = credits_to_millicredits(Decimal(value))
     except (InvalidOperation, ValueError) as exc:
-        raise click.BadParameter(f"{value!r} is not an amount of credits with at most "
-                                 "three decimals") from exc
+        raise click.BadParameter(
+            f"{value!r} is not an amount of credits with at most three decimals"
+        ) from exc
     if amount < 0:
         raise click.BadParameter("credits cannot be negative")
     return amount
@@ -38,7 +40,7 @@ def _credits(value: str) -> int:
 def _exec_worker_module(*args: str) -> None:
     # The API side never imports the worker package (it pulls in torch); hand over the process.
     argv = [sys.executable, "-m", "worker", *args]
-    os.execv(sys.executable, argv)
+    os.execv(sys.executable, argv)  # noqa: S606 - our own interpreter, no shell
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,8 +54,14 @@ def main() -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="API bind address.")
 @click.option("--port", default=8000, show_default=True, type=int, help="API port.")
-@click.option("--workers", "cpu_workers", default=1, show_default=True, type=click.IntRange(1),
-              help="CPU workers to start when no CUDA device is visible.")
+@click.option(
+    "--workers",
+    "cpu_workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="CPU workers to start when no CUDA device is visible.",
+)
 def up(host: str, port: int, cpu_workers: int) -> None:
     """Run the whole farm on this machine in the foreground (Ctrl-C stops it).
 
@@ -69,10 +77,20 @@ def up(host: str, port: int, cpu_workers: int) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--processes", default=1, show_default=True, type=click.IntRange(1),
-              help="gunicorn worker processes.")
-@click.option("--threads", default=32, show_default=True, type=click.IntRange(1),
-              help="Threads per process (each synchronous request holds one while it waits).")
+@click.option(
+    "--processes",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="gunicorn worker processes.",
+)
+@click.option(
+    "--threads",
+    default=32,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Threads per process (each synchronous request holds one while it waits).",
+)
 def api(host: str, port: int, processes: int, threads: int) -> None:
     """Serve the HTTP API."""
     from api.server import serve
@@ -82,8 +100,9 @@ def api(host: str, port: int, processes: int, threads: int) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.option("--device", default=None,
-              help="cuda:N, cpu or auto (default: KOLORS_FARM_DEVICE, else auto).")
+@click.option(
+    "--device", default=None, help="cuda:N, cpu or auto (default: KOLORS_FARM_DEVICE, else auto)."
+)
 @click.option("--name", default=None, help="Celery node name (default: <device>@<host>).")
 def worker(device: str | None, name: str | None) -> None:
     """Run one render worker (one process per device); exits non-zero if the model fails to load."""
@@ -121,8 +140,13 @@ def users() -> None:
 @users.command("create")
 @click.argument("name")
 @click.option("--tenant", default=None, help="Tenant (team) name; defaults to the user's name.")
-@click.option("--credits", "credit_text", default="0", show_default=True,
-              help="Initial credits (up to three decimals).")
+@click.option(
+    "--credits",
+    "credit_text",
+    default="0",
+    show_default=True,
+    help="Initial credits (up to three decimals).",
+)
 def users_create(name: str, tenant: str | None, credit_text: str) -> None:
     """Create a user; prints its new API key alone on the last line."""
     from shared.accounts import create_user
@@ -139,8 +163,10 @@ def users_create(name: str, tenant: str | None, credit_text: str) -> None:
         raise click.ClickException(exc.message) from exc
     finally:
         engine.dispose()
-    click.echo(f"created user {user.name!r} (tenant {tenant or name!r}) with "
-               f"{format_credits(amount)} credits; its API key (shown once):")
+    click.echo(
+        f"created user {user.name!r} (tenant {tenant or name!r}) with "
+        f"{format_credits(amount)} credits; its API key (shown once):"
+    )
     click.echo(key)
 
 
@@ -172,5 +198,7 @@ def credits_grant(name: str, amount: str) -> None:
         raise click.ClickException(exc.message) from exc
     finally:
         engine.dispose()
-    click.echo(f"granted {format_credits(millicredits)} credits to {name!r}; "
-               f"balance {format_credits(balance)}")
+    click.echo(
+        f"granted {format_credits(millicredits)} credits to {name!r}; "
+        f"balance {format_credits(balance)}"
+    )

@@ -17,8 +17,14 @@ log = logging.getLogger(__name__)
 
 def problem(status: int, title: str, error: str, **extra: Any) -> Response:
     """A JSON error response: `error` for Segmind's SDK, `type/title/status/detail` for RFC 9457."""
-    body = {"error": error, "type": "about:blank", "title": title, "status": status,
-            "detail": error, **extra}
+    body = {
+        "error": error,
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "detail": error,
+        **extra,
+    }
     response = jsonify(body)
     response.status_code = status
     response.content_type = "application/problem+json"
@@ -28,8 +34,9 @@ def problem(status: int, title: str, error: str, **extra: Any) -> Response:
 def _farm_error(exc: FarmError) -> Response:
     extra: dict[str, Any] = {}
     if isinstance(exc, InvalidParams):
-        extra["errors"] = [{"field": p.field, "rule": p.rule, "message": p.message}
-                           for p in exc.problems]
+        extra["errors"] = [
+            {"field": p.field, "rule": p.rule, "message": p.message} for p in exc.problems
+        ]
     response = problem(exc.status, exc.title, exc.message, **extra)
     if isinstance(exc, ServiceUnavailable):
         response.headers["Retry-After"] = str(exc.retry_after_s)

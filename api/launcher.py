@@ -39,8 +39,9 @@ class Children:
 
     def exited(self) -> list[tuple[str, int]]:
         """Children that have exited, with their codes."""
-        return [(name, code) for name, proc in self.procs.items()
-                if (code := proc.poll()) is not None]
+        return [
+            (name, code) for name, proc in self.procs.items() if (code := proc.poll()) is not None
+        ]
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM the API and workers, then Redis last (they need it to shut down cleanly)."""
@@ -83,9 +84,23 @@ def redis_server_binary() -> str:
 def redis_argv(binary: str, port: int, data_dir: Path) -> list[str]:
     """Arguments for a private, persistent (append-only) Redis on localhost."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-            "--appendonly", "yes", "--save", "", "--daemonize", "no",
-            "--protected-mode", "yes"]
+    return [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+        "--appendonly",
+        "yes",
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+        "--protected-mode",
+        "yes",
+    ]
 
 
 def visible_cuda_devices() -> list[str]:
@@ -96,22 +111,36 @@ def visible_cuda_devices() -> list[str]:
     if not shutil.which("nvidia-smi"):
         return []
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
     except (subprocess.SubprocessError, OSError):
         return []
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-def worker_plan(devices: list[str], cpu_workers: int, host: str) -> list[tuple[str, dict[str, str]]]:
+def worker_plan(
+    devices: list[str], cpu_workers: int, host: str
+) -> list[tuple[str, dict[str, str]]]:
     """(node name, extra environment) per worker: one per CUDA device, else CPU workers."""
     if devices:
-        return [(f"gpu{d}@{host}", {"CUDA_VISIBLE_DEVICES": d, "KOLORS_FARM_DEVICE": "cuda:0"})
-                for d in devices]
+        return [
+            (f"gpu{d}@{host}", {"CUDA_VISIBLE_DEVICES": d, "KOLORS_FARM_DEVICE": "cuda:0"})
+            for d in devices
+        ]
     # CPU workers split the cores: oversubscribed OpenMP threads spin and slow every render.
     threads = str(max(1, (os.cpu_count() or 1) // cpu_workers))
-    return [(f"cpu{i}@{host}", {"CUDA_VISIBLE_DEVICES": "", "KOLORS_FARM_DEVICE": "cpu",
-                                "OMP_NUM_THREADS": threads}) for i in range(cpu_workers)]
+    return [
+        (
+            f"cpu{i}@{host}",
+            {"CUDA_VISIBLE_DEVICES": "", "KOLORS_FARM_DEVICE": "cpu", "OMP_NUM_THREADS": threads},
+        )
+        for i in range(cpu_workers)
+    ]
 
 
 def _wait_ready(url: str, redis_url: str, children: Children) -> bool:
@@ -149,16 +178,21 @@ def run_farm(settings: Settings, host: str, port: int, cpu_workers: int) -> int:
     try:
         if not settings.redis_url:
             redis_port = free_port()
-            children.start(REDIS_CHILD, redis_argv(redis_server_binary(), redis_port,
-                                               settings.data_dir / "redis"), env)
+            children.start(
+                REDIS_CHILD,
+                redis_argv(redis_server_binary(), redis_port, settings.data_dir / "redis"),
+                env,
+            )
             env["KOLORS_FARM_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             _wait_for_redis(env["KOLORS_FARM_REDIS_URL"])
         hostname = socket.gethostname()
         for name, extra in worker_plan(visible_cuda_devices(), cpu_workers, hostname):
-            children.start(name, [sys.executable, "-m", "worker", "worker", "--name", name],
-                           env | extra)
-        children.start("api", [sys.executable, "-m", "api", "api", "--host", host,
-                               "--port", str(port)], env)
+            children.start(
+                name, [sys.executable, "-m", "worker", "worker", "--name", name], env | extra
+            )
+        children.start(
+            "api", [sys.executable, "-m", "api", "api", "--host", host, "--port", str(port)], env
+        )
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
         if not _wait_ready(url, env["KOLORS_FARM_REDIS_URL"], children):
             if not stopping:
@@ -191,7 +225,8 @@ def _wait_for_redis(url: str) -> None:
 
 
 def _print_banner(url: str) -> None:
-    print(f"""
+    print(
+        f"""
 Kolors render farm is up at {url}  (Ctrl-C stops it)
 
 Create a user (prints its API key on the last line):
@@ -200,4 +235,6 @@ Create a user (prints its API key on the last line):
 Render (Segmind-compatible):
   curl -X POST {url}/v1/kolors -H "x-api-key: $KEY" \\
        -F prompt="a red fox in the snow, detailed" -F seed=441234134 -o fox.webp
-""", flush=True)
+""",
+        flush=True,
+    )

@@ -26,26 +26,37 @@ def _responses(ok: dict[str, Any], *codes: int) -> dict[str, Any]:
     }
     responses = {"200": ok} if "description" in ok else ok
     for code in codes:
-        responses[str(code)] = {"description": descriptions[code],
-                                "content": {"application/json": {"schema": _ERROR}}}
+        responses[str(code)] = {
+            "description": descriptions[code],
+            "content": {"application/json": {"schema": _ERROR}},
+        }
     return responses
 
 
 def build_openapi() -> dict[str, Any]:
     """The whole OpenAPI document."""
     params = params_json_schema()
-    body = {"required": True, "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/KolorsParams"}},
-        "application/x-www-form-urlencoded": {
-            "schema": {"$ref": "#/components/schemas/KolorsParams"}},
-    }}
+    body = {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/KolorsParams"}},
+            "application/x-www-form-urlencoded": {
+                "schema": {"$ref": "#/components/schemas/KolorsParams"}
+            },
+        },
+    }
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
-    status_body = {"description": "The job's status",
-                   "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}}}
+    status_body = {
+        "description": "The job's status",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}},
+    }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Kolors render farm", "version": "1",
-                 "description": "Segmind-compatible Kolors text-to-image API."},
+        "info": {
+            "title": "Kolors render farm",
+            "version": "1",
+            "description": "Segmind-compatible Kolors text-to-image API.",
+        },
         "components": {
             "securitySchemes": {
                 "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
@@ -53,69 +64,187 @@ def build_openapi() -> dict[str, Any]:
             },
             "schemas": {
                 "KolorsParams": params,
-                "Error": {"type": "object", "required": ["error"], "properties": {
-                    "error": {"type": "string"}, "title": {"type": "string"},
-                    "status": {"type": "integer"}, "detail": {"type": "string"},
-                    "errors": {"type": "array", "items": {"type": "object", "properties": {
-                        "field": {"type": "string"}, "rule": {"type": "string"},
-                        "message": {"type": "string"}}}}}},
-                "Submitted": {"type": "object", "properties": {
-                    "request_id": {"type": "string"}, "status": {"const": "QUEUED"},
-                    "status_url": {"type": "string", "format": "uri"},
-                    "response_url": {"type": "string", "format": "uri"},
-                    "poll_url": {"type": "string", "format": "uri"}}},
-                "Status": {"type": "object", "properties": {
-                    "request_id": {"type": "string"},
-                    "status": {"enum": ["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]},
-                    "error": {"type": "string"}, "cancelled": {"type": "boolean"},
-                    "queue_position": {"type": "integer"},
-                    "progress": {"type": "object"}}},
-                "Result": {"type": "object", "properties": {
-                    "request_id": {"type": "string"},
-                    "status": {"enum": ["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]},
-                    "output": {"type": "array", "items": {"type": "string", "format": "uri"}},
-                    "seeds": {"type": "array", "items": {"type": "integer"}},
-                    "metrics": {"type": "object"}, "parameters": {"type": "object"}}},
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {"type": "string"},
+                        "title": {"type": "string"},
+                        "status": {"type": "integer"},
+                        "detail": {"type": "string"},
+                        "errors": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "field": {"type": "string"},
+                                    "rule": {"type": "string"},
+                                    "message": {"type": "string"},
+                                },
+                            },
+                        },
+                    },
+                },
+                "Submitted": {
+                    "type": "object",
+                    "properties": {
+                        "request_id": {"type": "string"},
+                        "status": {"const": "QUEUED"},
+                        "status_url": {"type": "string", "format": "uri"},
+                        "response_url": {"type": "string", "format": "uri"},
+                        "poll_url": {"type": "string", "format": "uri"},
+                    },
+                },
+                "Status": {
+                    "type": "object",
+                    "properties": {
+                        "request_id": {"type": "string"},
+                        "status": {"enum": ["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]},
+                        "error": {"type": "string"},
+                        "cancelled": {"type": "boolean"},
+                        "queue_position": {"type": "integer"},
+                        "progress": {"type": "object"},
+                    },
+                },
+                "Result": {
+                    "type": "object",
+                    "properties": {
+                        "request_id": {"type": "string"},
+                        "status": {"enum": ["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]},
+                        "output": {"type": "array", "items": {"type": "string", "format": "uri"}},
+                        "seeds": {"type": "array", "items": {"type": "integer"}},
+                        "metrics": {"type": "object"},
+                        "parameters": {"type": "object"},
+                    },
+                },
             },
         },
         "security": [{"apiKey": []}, {"bearer": []}],
         "paths": {
-            "/v1/kolors": {"post": {
-                "summary": "Render and wait; answers the first image (or JSON with base64=true)",
-                "requestBody": body,
-                "responses": _responses({"description": "The image bytes", "content": {
-                    "image/webp": {}, "image/jpeg": {}, "image/png": {}}},
-                    400, 401, 406, 413, 422, 503, 504)}},
-            "/v2/kolors": {"post": {
-                "summary": "Queue a render", "requestBody": body,
-                "responses": _responses({"202": {"description": "Queued", "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/Submitted"}}}}},
-                    400, 401, 406, 413, 503)}},
-            "/v2/requests/{job_id}/status": {"get": {
-                "summary": "A request's status, progress and queue position",
-                "parameters": [job_id], "responses": _responses(status_body, 401, 404, 422)}},
+            "/v1/kolors": {
+                "post": {
+                    "summary": "Render and wait; answers the first image (JSON with base64=true)",
+                    "requestBody": body,
+                    "responses": _responses(
+                        {
+                            "description": "The image bytes",
+                            "content": {"image/webp": {}, "image/jpeg": {}, "image/png": {}},
+                        },
+                        400,
+                        401,
+                        406,
+                        413,
+                        422,
+                        503,
+                        504,
+                    ),
+                }
+            },
+            "/v2/kolors": {
+                "post": {
+                    "summary": "Queue a render",
+                    "requestBody": body,
+                    "responses": _responses(
+                        {
+                            "202": {
+                                "description": "Queued",
+                                "content": {
+                                    "application/json": {
+                                        "schema": {"$ref": "#/components/schemas/Submitted"}
+                                    }
+                                },
+                            }
+                        },
+                        400,
+                        401,
+                        406,
+                        413,
+                        503,
+                    ),
+                }
+            },
+            "/v2/requests/{job_id}/status": {
+                "get": {
+                    "summary": "A request's status, progress and queue position",
+                    "parameters": [job_id],
+                    "responses": _responses(status_body, 401, 404, 422),
+                }
+            },
             "/v2/requests/{job_id}": {
-                "get": {"summary": "A request's result", "parameters": [job_id],
-                        "responses": _responses({"description": "The result", "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/Result"}}}},
-                            401, 404, 422)},
-                "delete": {"summary": "Cancel a request", "parameters": [job_id],
-                           "responses": _responses(status_body, 401, 404)}},
-            "/v2/requests/{job_id}/images/{index}": {"get": {
-                "summary": "One image of a request",
-                "parameters": [job_id, {"name": "index", "in": "path", "required": True,
-                                        "schema": {"type": "integer", "minimum": 0}}],
-                "responses": _responses({"description": "The image bytes"}, 401, 404)}},
-            "/v1/get-user-credits": {"get": {
-                "summary": "The caller's credits",
-                "responses": _responses({"description": "Credits", "content": {
-                    "application/json": {"schema": {"type": "object", "properties": {
-                        "credits": {"type": "string"}}}}}}, 401)}},
-            "/healthz": {"get": {"summary": "Liveness", "security": [],
-                                 "responses": {"200": {"description": "Alive"}}}},
-            "/readyz": {"get": {"summary": "Readiness (database and Redis)", "security": [],
-                                "responses": {"200": {"description": "Ready"},
-                                              "503": {"description": "Not ready"}}}},
+                "get": {
+                    "summary": "A request's result",
+                    "parameters": [job_id],
+                    "responses": _responses(
+                        {
+                            "description": "The result",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Result"}
+                                }
+                            },
+                        },
+                        401,
+                        404,
+                        422,
+                    ),
+                },
+                "delete": {
+                    "summary": "Cancel a request",
+                    "parameters": [job_id],
+                    "responses": _responses(status_body, 401, 404),
+                },
+            },
+            "/v2/requests/{job_id}/images/{index}": {
+                "get": {
+                    "summary": "One image of a request",
+                    "parameters": [
+                        job_id,
+                        {
+                            "name": "index",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "integer", "minimum": 0},
+                        },
+                    ],
+                    "responses": _responses({"description": "The image bytes"}, 401, 404),
+                }
+            },
+            "/v1/get-user-credits": {
+                "get": {
+                    "summary": "The caller's credits",
+                    "responses": _responses(
+                        {
+                            "description": "Credits",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {"credits": {"type": "string"}},
+                                    }
+                                }
+                            },
+                        },
+                        401,
+                    ),
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness",
+                    "security": [],
+                    "responses": {"200": {"description": "Alive"}},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness (database and Redis)",
+                    "security": [],
+                    "responses": {
+                        "200": {"description": "Ready"},
+                        "503": {"description": "Not ready"},
+                    },
+                }
+            },
         },
     }
 

@@ -29,15 +29,18 @@ class _GunicornApp(BaseApplication):  # type: ignore[misc]
 
 def serve(settings: Settings, host: str, port: int, processes: int, threads: int) -> None:
     """Run the API until SIGTERM/SIGINT."""
-    _GunicornApp(settings, {
-        "bind": f"{host}:{port}",
-        "workers": processes,
-        "worker_class": "gthread",
-        "threads": threads,
-        # gthread workers heartbeat from their main loop; this only bounds a stuck process.
-        "timeout": int(settings.sync_timeout_s) + 60,
-        "graceful_timeout": 10,
-        "accesslog": "-",
-        "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
-        "loglevel": "info",
-    }).run()
+    _GunicornApp(
+        settings,
+        {
+            "bind": f"{host}:{port}",
+            "workers": processes,
+            "worker_class": "gthread",
+            "threads": threads,
+            # gthread workers heartbeat from their main loop; this only bounds a stuck process.
+            "timeout": int(settings.sync_timeout_s) + 60,
+            "graceful_timeout": 10,
+            "accesslog": "-",
+            "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
+            "loglevel": "info",
+        },
+    ).run()

@@ -117,21 +117,32 @@ def kolors_sync() -> Response:
             return job_state(session, job.id) in TERMINAL_STATES
 
     if not wait_for_job(context.redis, job.id, finished, context.settings.sync_timeout_s):
-        return problem(504, "Timed out", "The render did not finish in time; it goes on, poll "
-                       "the status URL", request_id=job.id, **_job_urls(job.id))
+        return problem(
+            504,
+            "Timed out",
+            "The render did not finish in time; it goes on, poll the status URL",
+            request_id=job.id,
+            **_job_urls(job.id),
+        )
     job = _load_job(job.id)
     if public_status(job) == "FAILED" or not job.images:
         fields = _failure_fields(job) or {"error": "Render failed"}
-        return problem(FAILED_HTTP_STATUS, "Render failed", fields.pop("error"),
-                       request_id=job.id, **fields)
+        return problem(
+            FAILED_HTTP_STATUS, "Render failed", fields.pop("error"), request_id=job.id, **fields
+        )
     images = [context.storage.get(image.storage_key) for image in job.images]
     if want_json:
         encoded = [base64.b64encode(data).decode("ascii") for data in images]
-        return jsonify({
-            "request_id": job.id, "status": "COMPLETED", "image": encoded[0], "images": encoded,
-            "seeds": [image.seed for image in job.images],
-            "content_type": job.images[0].content_type,
-        })
+        return jsonify(
+            {
+                "request_id": job.id,
+                "status": "COMPLETED",
+                "image": encoded[0],
+                "images": encoded,
+                "seeds": [image.seed for image in job.images],
+                "content_type": job.images[0].content_type,
+            }
+        )
     response = Response(images[0], mimetype=job.images[0].content_type)
     response.headers["x-request-id"] = job.id
     response.headers["x-seed"] = str(job.images[0].seed)
@@ -154,8 +165,12 @@ def job_status(job_id: str) -> Response:
     with transaction(context.sessions) as session:
         job = get_job(session, current_principal(), job_id)
         position = queue_position(session, job)
-    body: dict[str, Any] = {"request_id": job.id, "status": public_status(job),
-                            **_failure_fields(job), **_timestamps(job)}
+    body: dict[str, Any] = {
+        "request_id": job.id,
+        "status": public_status(job),
+        **_failure_fields(job),
+        **_timestamps(job),
+    }
     if job.state == JobState.QUEUED.value:
         body["queue_position"] = position
     progress = read_progress(context.redis, job.id) if job.state == JobState.RUNNING.value else None
@@ -169,9 +184,14 @@ def job_status(job_id: str) -> Response:
 
 
 def _timestamps(job: Job) -> dict[str, str | None]:
-    return {name: value.isoformat() if value else None for name, value in (
-        ("created_at", job.created_at), ("started_at", job.started_at),
-        ("finished_at", job.finished_at))}
+    return {
+        name: value.isoformat() if value else None
+        for name, value in (
+            ("created_at", job.created_at),
+            ("started_at", job.started_at),
+            ("finished_at", job.finished_at),
+        )
+    }
 
 
 @bp.get("/v2/requests/<job_id>")
@@ -189,8 +209,10 @@ def job_result(job_id: str) -> Response:
     body: dict[str, Any] = {
         "request_id": job.id,
         "status": public_status(job),
-        "output": [_external_url("kolors.job_image", job_id=job.id, index=image.index)
-                   for image in job.images],
+        "output": [
+            _external_url("kolors.job_image", job_id=job.id, index=image.index)
+            for image in job.images
+        ],
         "seeds": [image.seed for image in job.images],
         "metrics": metrics,
         "parameters": job.params | {"seed": job.seed},
@@ -224,8 +246,11 @@ def job_cancel(job_id: str) -> Response:
         job = cancel_job(session, current_principal(), job_id)
     if job.state == JobState.RUNNING.value:
         request_cancel(context.redis, job.id)
-    body: dict[str, Any] = {"request_id": job.id, "status": public_status(job),
-                            **_failure_fields(job)}
+    body: dict[str, Any] = {
+        "request_id": job.id,
+        "status": public_status(job),
+        **_failure_fields(job),
+    }
     if JobState(before) in TERMINAL_STATES:
         body["detail"] = f"The request had already ended ({public_status(job)}); nothing changed"
     elif job.state == JobState.RUNNING.value:
@@ -258,14 +283,14 @@ def readyz() -> tuple[Response, int]:
         with context.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
         checks["database"] = "ok"
-    except Exception as exc:  # noqa: BLE001 - readiness reports, it does not raise
+    except Exception as exc:
         checks["database"] = f"unavailable ({type(exc).__name__})"
     workers: dict[str, Any] = {}
     try:
         context.redis.ping()
         checks["redis"] = "ok"
         workers = live_workers(context.redis)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         checks["redis"] = f"unavailable ({type(exc).__name__})"
     ready = all(value == "ok" for value in checks.values())
     body = {"ready": ready, "checks": checks, "workers": workers}

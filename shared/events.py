@@ -35,8 +35,9 @@ def worker_key(name: str) -> str:
 
 def make_redis(url: str) -> redis.Redis:
     """A Redis client with timeouts, so a stalled server cannot hang a request forever."""
-    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
-                                health_check_interval=30)
+    return redis.Redis.from_url(
+        url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+    )
 
 
 def announce_job_finished(client: redis.Redis, job_id: str, state: str) -> None:
@@ -53,7 +54,7 @@ def wait_for_job(
     happens between the two is never missed.
     """
     deadline = time.monotonic() + timeout_s
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
     try:
         pubsub.subscribe(job_channel(job_id))
         if is_finished():
@@ -95,9 +96,14 @@ def read_progress(client: redis.Redis, job_id: str) -> Progress | None:
     if not raw:
         return None
     values = {k.decode(): v.decode() for k, v in raw.items()}
-    return Progress(attempt=int(values["attempt"]), step=int(values["step"]),
-                    steps=int(values["steps"]), images_done=int(values["images_done"]),
-                    images=int(values["images"]), updated_at=float(values["updated_at"]))
+    return Progress(
+        attempt=int(values["attempt"]),
+        step=int(values["step"]),
+        steps=int(values["steps"]),
+        images_done=int(values["images_done"]),
+        images=int(values["images"]),
+        updated_at=float(values["updated_at"]),
+    )
 
 
 def record_heartbeat(client: redis.Redis, name: str, info: dict[str, Any], ttl_s: float) -> None:

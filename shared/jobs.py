@@ -110,23 +110,42 @@ def claim_job(session: Session, job_id: str, worker: str, lease: timedelta) -> R
     now = utcnow()
     attempt = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state == JobState.QUEUED.value, Job.cancel_requested.is_(False))
-        .values(state=JobState.RUNNING.value, attempt=Job.attempt + 1, worker=worker,
-                started_at=func.coalesce(Job.started_at, now), lease_expires_at=now + lease)
+        .where(
+            Job.id == job_id, Job.state == JobState.QUEUED.value, Job.cancel_requested.is_(False)
+        )
+        .values(
+            state=JobState.RUNNING.value,
+            attempt=Job.attempt + 1,
+            worker=worker,
+            started_at=func.coalesce(Job.started_at, now),
+            lease_expires_at=now + lease,
+        )
         .returning(Job.attempt)
     ).scalar_one_or_none()
     if attempt is None:
         return None
     job = session.get_one(Job, job_id)
     delivered = session.execute(select(JobImage.index).where(JobImage.job_id == job_id)).scalars()
-    return RenderSpec(job_id=job.id, tenant_id=job.tenant_id, attempt=attempt,
-                      params=KolorsParams.model_validate(job.params), seed=job.seed,
-                      delivered=frozenset(delivered))
+    return RenderSpec(
+        job_id=job.id,
+        tenant_id=job.tenant_id,
+        attempt=attempt,
+        params=KolorsParams.model_validate(job.params),
+        seed=job.seed,
+        delivered=frozenset(delivered),
+    )
 
 
 def record_image(
-    session: Session, job_id: str, attempt: int, index: int, *,
-    seed: int, storage_key: str, content_type: str, size_bytes: int,
+    session: Session,
+    job_id: str,
+    attempt: int,
+    index: int,
+    *,
+    seed: int,
+    storage_key: str,
+    content_type: str,
+    size_bytes: int,
 ) -> None:
     """Record one delivered image and capture its price; StaleAttempt if the claim was lost."""
     row = session.execute(
@@ -137,8 +156,17 @@ def record_image(
     ).first()
     if row is None:
         raise StaleAttempt(f"job {job_id} is no longer held by attempt {attempt}")
-    session.add(JobImage(job_id=job_id, index=index, seed=seed, storage_key=storage_key,
-                         content_type=content_type, size_bytes=size_bytes, attempt=attempt))
+    session.add(
+        JobImage(
+            job_id=job_id,
+            index=index,
+            seed=seed,
+            storage_key=storage_key,
+            content_type=content_type,
+            size_bytes=size_bytes,
+            attempt=attempt,
+        )
+    )
     capture_image_credit(session, row.user_id, job_id, row.price_per_image)
 
 
@@ -162,9 +190,11 @@ def fail_job(session: Session, job_id: str, error: str, attempt: int | None = No
     if attempt is not None:
         conditions.append(Job.attempt == attempt)
     user_id = session.execute(
-        update(Job).where(*conditions)
-        .values(state=JobState.FAILED.value, error=error, finished_at=utcnow(),
-                lease_expires_at=None)
+        update(Job)
+        .where(*conditions)
+        .values(
+            state=JobState.FAILED.value, error=error, finished_at=utcnow(), lease_expires_at=None
+        )
         .returning(Job.user_id)
     ).scalar_one_or_none()
     if user_id is None:
@@ -178,16 +208,22 @@ def cancel_job(session: Session, principal: Principal, job_id: str) -> Job:
     job = get_job(session, principal, job_id)
     if job.state == JobState.QUEUED.value:
         ended = session.execute(
-            update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED.value)
-            .values(state=JobState.CANCELLED.value, cancel_requested=True, finished_at=utcnow(),
-                    error="Cancelled by the user")
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
+            .values(
+                state=JobState.CANCELLED.value,
+                cancel_requested=True,
+                finished_at=utcnow(),
+                error="Cancelled by the user",
+            )
             .returning(Job.id)
         ).first()
         if ended is not None:
             release_hold(session, job.user_id, job_id)
     elif job.state == JobState.RUNNING.value:
         session.execute(
-            update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
             .values(cancel_requested=True, error="Cancelled by the user")
         )
     session.refresh(job)
@@ -199,10 +235,14 @@ def queue_position(session: Session, job: Job) -> int:
     if job.state != JobState.QUEUED.value:
         return 0
     ahead = session.execute(
-        select(func.count()).select_from(Job).where(
+        select(func.count())
+        .select_from(Job)
+        .where(
             Job.state == JobState.QUEUED.value,
-            or_(Job.created_at < job.created_at,
-                and_(Job.created_at == job.created_at, Job.id < job.id)),
+            or_(
+                Job.created_at < job.created_at,
+                and_(Job.created_at == job.created_at, Job.id < job.id),
+            ),
         )
     ).scalar_one()
     return int(ahead)

@@ -18,13 +18,22 @@ def grant_credits(session: Session, user_id: int, amount: int, note: str | None 
     if amount <= 0:
         raise ValueError("a grant must be positive")
     balance = session.execute(
-        update(User).where(User.id == user_id).values(balance=User.balance + amount)
+        update(User)
+        .where(User.id == user_id)
+        .values(balance=User.balance + amount)
         .returning(User.balance)
     ).scalar_one_or_none()
     if balance is None:
         raise NotFound(f"No user with id {user_id}")
-    session.add(LedgerEntry(user_id=user_id, kind=LedgerKind.GRANT.value,
-                            available_delta=amount, held_delta=0, note=note))
+    session.add(
+        LedgerEntry(
+            user_id=user_id,
+            kind=LedgerKind.GRANT.value,
+            available_delta=amount,
+            held_delta=0,
+            note=note,
+        )
+    )
     return balance
 
 
@@ -32,13 +41,22 @@ def hold_credits(session: Session, user_id: int, job_id: str, amount: int) -> in
     """Move `amount` from the balance to a hold for `job_id`; NotEnoughCredits if it can't."""
     # One conditional UPDATE: concurrent holds can never overdraw, on any database.
     balance = session.execute(
-        update(User).where(User.id == user_id, User.balance >= amount)
-        .values(balance=User.balance - amount).returning(User.balance)
+        update(User)
+        .where(User.id == user_id, User.balance >= amount)
+        .values(balance=User.balance - amount)
+        .returning(User.balance)
     ).scalar_one_or_none()
     if balance is None:
         raise NotEnoughCredits()
-    session.add(LedgerEntry(user_id=user_id, job_id=job_id, kind=LedgerKind.HOLD.value,
-                            available_delta=-amount, held_delta=amount))
+    session.add(
+        LedgerEntry(
+            user_id=user_id,
+            job_id=job_id,
+            kind=LedgerKind.HOLD.value,
+            available_delta=-amount,
+            held_delta=amount,
+        )
+    )
     return balance
 
 
@@ -47,8 +65,15 @@ def capture_image_credit(session: Session, user_id: int, job_id: str, amount: in
     outstanding = held_for_job(session, job_id)
     if amount > outstanding:
         raise ValueError(f"capture of {amount} exceeds the {outstanding} held for job {job_id}")
-    session.add(LedgerEntry(user_id=user_id, job_id=job_id, kind=LedgerKind.CAPTURE.value,
-                            available_delta=0, held_delta=-amount))
+    session.add(
+        LedgerEntry(
+            user_id=user_id,
+            job_id=job_id,
+            kind=LedgerKind.CAPTURE.value,
+            available_delta=0,
+            held_delta=-amount,
+        )
+    )
 
 
 def release_hold(session: Session, user_id: int, job_id: str) -> int:
@@ -59,8 +84,15 @@ def release_hold(session: Session, user_id: int, job_id: str) -> int:
     session.execute(
         update(User).where(User.id == user_id).values(balance=User.balance + outstanding)
     )
-    session.add(LedgerEntry(user_id=user_id, job_id=job_id, kind=LedgerKind.RELEASE.value,
-                            available_delta=outstanding, held_delta=-outstanding))
+    session.add(
+        LedgerEntry(
+            user_id=user_id,
+            job_id=job_id,
+            kind=LedgerKind.RELEASE.value,
+            available_delta=outstanding,
+            held_delta=-outstanding,
+        )
+    )
     return outstanding
 
 
@@ -68,8 +100,9 @@ def held_for_job(session: Session, job_id: str) -> int:
     """The amount still held for a job (sum of its held_delta)."""
     session.flush()
     total = session.execute(
-        select(func.coalesce(func.sum(LedgerEntry.held_delta), 0))
-        .where(LedgerEntry.job_id == job_id)
+        select(func.coalesce(func.sum(LedgerEntry.held_delta), 0)).where(
+            LedgerEntry.job_id == job_id
+        )
     ).scalar_one()
     return int(total)
 
@@ -86,7 +119,8 @@ def ledger_balance(session: Session, user_id: int) -> int:
     """The balance recomputed from the ledger (must equal the cached one)."""
     session.flush()
     total = session.execute(
-        select(func.coalesce(func.sum(LedgerEntry.available_delta), 0))
-        .where(LedgerEntry.user_id == user_id)
+        select(func.coalesce(func.sum(LedgerEntry.available_delta), 0)).where(
+            LedgerEntry.user_id == user_id
+        )
     ).scalar_one()
     return int(total)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -44,6 +44,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Store aware datetimes as UTC; refuse naive ones."""
         if value is None:
             return None
         if value.tzinfo is None:
@@ -51,6 +52,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Return aware UTC datetimes."""
         if value is None:
             return None
         # SQLite keeps no zone; every value was written as UTC.
@@ -61,7 +63,10 @@ class Base(DeclarativeBase):
     """Declarative base with stable constraint names (Alembic needs them)."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+    }
 
 
 class JobState(enum.StrEnum):
@@ -139,8 +144,9 @@ class Job(Base):
     __table_args__ = (
         CheckConstraint(_in_check("state", JobState), name="state_valid"),
         CheckConstraint("number_of_images BETWEEN 1 AND 10", name="image_count_valid"),
-        CheckConstraint("images_done >= 0 AND images_done <= number_of_images",
-                        name="images_done_valid"),
+        CheckConstraint(
+            "images_done >= 0 AND images_done <= number_of_images", name="images_done_valid"
+        ),
         CheckConstraint("attempt >= 0", name="attempt_non_negative"),
         Index("ix_jobs_state_created_at", "state", "created_at"),
     )
@@ -163,9 +169,7 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
 
-    images: Mapped[list[JobImage]] = relationship(
-        order_by="JobImage.index", back_populates="job"
-    )
+    images: Mapped[list[JobImage]] = relationship(order_by="JobImage.index", back_populates="job")
 
 
 class JobImage(Base):

@@ -60,18 +60,23 @@ class KolorsParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: str = Field(min_length=1, max_length=10_000, description="What to draw; Chinese or English.")
+    prompt: str = Field(
+        min_length=1, max_length=10_000, description="What to draw; Chinese or English."
+    )
     negative_prompt: str = Field(default="", max_length=10_000, description="What to avoid.")
     cfg: float = Field(default=6.0, ge=0, le=20, allow_inf_nan=False, description="Guidance scale.")
     seed: int = Field(
-        default=441234134, ge=RANDOM_SEED, le=MAX_SEED,
+        default=441234134,
+        ge=RANDOM_SEED,
+        le=MAX_SEED,
         description="0 to 2^32-1; -1 picks a random seed. Image i uses seed + i (mod 2^32).",
     )
     steps: int = Field(default=25, ge=1, le=50, description="Diffusion steps.")
     width: Dimension = Field(default=1024, description="512 to 2048, a multiple of 8.")
     height: Dimension = Field(default=1024, description="512 to 2048, a multiple of 8.")
-    scheduler: SchedulerName = Field(default="EulerDiscreteScheduler",
-                                     description="A diffusers scheduler class name.")
+    scheduler: SchedulerName = Field(
+        default="EulerDiscreteScheduler", description="A diffusers scheduler class name."
+    )
     output_format: Literal["webp", "jpeg", "png"] = Field(
         default="webp", description="webp, jpeg (jpg accepted) or png."
     )
@@ -89,8 +94,16 @@ class KolorsParams(BaseModel):
             raise ValueError("must not be blank")
         return value
 
-    @field_validator("cfg", "seed", "steps", "width", "height", "output_quality",
-                     "number_of_images", mode="before")
+    @field_validator(
+        "cfg",
+        "seed",
+        "steps",
+        "width",
+        "height",
+        "output_quality",
+        "number_of_images",
+        mode="before",
+    )
     @classmethod
     def _no_bool_numbers(cls, value: Any) -> Any:
         # JSON true is not 1 steps; pydantic's lax mode would take it.

@@ -11,9 +11,13 @@ REFERENCE_STEPS: Final = 25
 
 
 def price_per_image(width: int, height: int, steps: int, reference_price: Decimal) -> int:
-    """Millicredits for one image; `reference_price` credits buys one 1024x1024 image at 25 steps."""
+    """Millicredits for one image; `reference_price` credits buy a 1024x1024, 25-step image."""
     exact = (
-        reference_price * MILLICREDITS_PER_CREDIT * width * height * steps
+        reference_price
+        * MILLICREDITS_PER_CREDIT
+        * width
+        * height
+        * steps
         / (REFERENCE_PIXELS * REFERENCE_STEPS)
     )
     return int(exact.to_integral_value(rounding=ROUND_CEILING))

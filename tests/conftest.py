@@ -89,8 +89,11 @@ def postgres_database() -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail(f"PostgreSQL is required in CI but unreachable: {exc}")
         pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}")
-    url = sqlalchemy.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(
-        hide_password=False)
+    url = (
+        sqlalchemy.make_url(POSTGRES_ADMIN_URL)
+        .set(database=name)
+        .render_as_string(hide_password=False)
+    )
     migrate_database(url)
     yield url
     with admin.connect() as connection:
@@ -105,9 +108,9 @@ TABLES = ("ledger_entries", "job_images", "jobs", "api_keys", "users", "tenants"
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A migrated, empty database: a new SQLite file, or the session's PostgreSQL emptied."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'farm.db'}"
-        migrate_database(url)
-        return url
+        sqlite_url = f"sqlite:///{tmp_path / 'farm.db'}"
+        migrate_database(sqlite_url)
+        return sqlite_url
     url: str = request.getfixturevalue("postgres_database")
     engine = make_engine(url)
     with engine.begin() as connection:
@@ -130,8 +133,13 @@ def sessions(engine: Engine) -> sessionmaker[Session]:
 
 @pytest.fixture
 def settings(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "var", database_url=database_url, redis_url=redis_url,
-                    price_per_image=Decimal("1"), sync_timeout_s=5)
+    return Settings(
+        data_dir=tmp_path / "var",
+        database_url=database_url,
+        redis_url=redis_url,
+        price_per_image=Decimal("1"),
+        sync_timeout_s=5,
+    )
 
 
 @pytest.fixture
@@ -158,8 +166,9 @@ class ApiUser:
         return {"x-api-key": self.key}
 
 
-def make_user(sessions: sessionmaker[Session], name: str, millicredits: int,
-              tenant: str | None = None) -> ApiUser:
+def make_user(
+    sessions: sessionmaker[Session], name: str, millicredits: int, tenant: str | None = None
+) -> ApiUser:
     """Create a user the way the CLI does."""
     with transaction(sessions) as session:
         user, key = create_user(session, name, tenant or name, millicredits)

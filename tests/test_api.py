@@ -58,26 +58,36 @@ def test_public_base_url_is_used_for_links(settings: Settings, alice: ApiUser) -
 
 
 def test_form_data_is_accepted(client: FlaskClient, alice: ApiUser) -> None:
-    response = client.post("/v2/kolors", data={"prompt": "a fox", "steps": "10", "seed": "7"},
-                           headers=alice.headers)
+    response = client.post(
+        "/v2/kolors", data={"prompt": "a fox", "steps": "10", "seed": "7"}, headers=alice.headers
+    )
     assert response.status_code == 202
-    result = client.get(f"/v2/requests/{response.get_json()['request_id']}",
-                        headers=alice.headers).get_json()
+    result = client.get(
+        f"/v2/requests/{response.get_json()['request_id']}", headers=alice.headers
+    ).get_json()
     assert result["parameters"]["steps"] == 10
     assert result["parameters"]["seed"] == 7
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"prompt": "x", "steps": 100}, "steps"),
-    ({"prompt": "x", "scheduler": "Bogus"}, "scheduler"),
-    ({"prompt": "x", "output_format": "bmp"}, "output_format"),
-    ({"prompt": "x", "width": 500}, "width"),
-    ({"steps": 10}, "prompt"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "x", "steps": 100}, "steps"),
+        ({"prompt": "x", "scheduler": "Bogus"}, "scheduler"),
+        ({"prompt": "x", "output_format": "bmp"}, "output_format"),
+        ({"prompt": "x", "width": 500}, "width"),
+        ({"steps": 10}, "prompt"),
+    ],
+)
 @pytest.mark.parametrize("route", ["/v1/kolors", "/v2/kolors"])
 def test_bad_input_is_400_naming_the_field_and_leaves_no_trace(
-    client: FlaskClient, alice: ApiUser, sessions: sessionmaker[Session], settings: Settings,
-    route: str, body: dict[str, Any], field: str,
+    client: FlaskClient,
+    alice: ApiUser,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    route: str,
+    body: dict[str, Any],
+    field: str,
 ) -> None:
     response = client.post(route, json=body, headers=alice.headers)
     assert response.status_code == 400
@@ -91,24 +101,28 @@ def test_bad_input_is_400_naming_the_field_and_leaves_no_trace(
 
 def test_non_object_json_body_is_400(client: FlaskClient, alice: ApiUser) -> None:
     for data in ("[1, 2]", "{not json"):
-        response = client.post("/v2/kolors", data=data, content_type="application/json",
-                               headers=alice.headers)
+        response = client.post(
+            "/v2/kolors", data=data, content_type="application/json", headers=alice.headers
+        )
         assert response.status_code == 400
         assert response.get_json()["error"].startswith("body:")
 
 
-def test_body_too_large_is_413_json(client: FlaskClient, alice: ApiUser,
-                                    settings: Settings) -> None:
+def test_body_too_large_is_413_json(
+    client: FlaskClient, alice: ApiUser, settings: Settings
+) -> None:
     prompt = "x" * (settings.max_body_bytes + 1)
     response = client.post("/v2/kolors", data={"prompt": prompt}, headers=alice.headers)
     assert response.status_code == 413
     assert response.get_json()["error"] == "Request body too large"
 
 
-@pytest.mark.parametrize("headers", [{}, {"x-api-key": "kf_wrong"},
-                                     {"Authorization": "Bearer kf_wrong"}])
-def test_missing_or_bad_key_is_401(client: FlaskClient, headers: dict[str, str],
-                                   sessions: sessionmaker[Session]) -> None:
+@pytest.mark.parametrize(
+    "headers", [{}, {"x-api-key": "kf_wrong"}, {"Authorization": "Bearer kf_wrong"}]
+)
+def test_missing_or_bad_key_is_401(
+    client: FlaskClient, headers: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
     response = client.post("/v2/kolors", json={"prompt": "x"}, headers=headers)
     assert response.status_code == 401
     assert "API key" in response.get_json()["error"]
@@ -134,10 +148,14 @@ def test_not_enough_credits_is_406_with_no_job(
     assert queued_messages(settings) == 0
 
 
-def test_credits_header_tracks_the_ledger(client: FlaskClient, alice: ApiUser,
-                                          sessions: sessionmaker[Session]) -> None:
-    response = client.post("/v2/kolors", json={"prompt": "x", "width": 512, "height": 512,
-                                               "number_of_images": 2}, headers=alice.headers)
+def test_credits_header_tracks_the_ledger(
+    client: FlaskClient, alice: ApiUser, sessions: sessionmaker[Session]
+) -> None:
+    response = client.post(
+        "/v2/kolors",
+        json={"prompt": "x", "width": 512, "height": 512, "number_of_images": 2},
+        headers=alice.headers,
+    )
     assert response.headers["x-remaining-credits"] == "9.5"
     credits = client.get("/v1/get-user-credits", headers=alice.headers)
     assert credits.get_json() == {"credits": "9.5"}
@@ -149,8 +167,12 @@ def test_credits_header_tracks_the_ledger(client: FlaskClient, alice: ApiUser,
 def test_status_of_a_queued_job_reports_position(client: FlaskClient, alice: ApiUser) -> None:
     first = submit(client, alice)["request_id"]
     second = submit(client, alice)["request_id"]
-    assert client.get(f"/v2/requests/{first}/status",
-                      headers=alice.headers).get_json()["queue_position"] == 0
+    assert (
+        client.get(f"/v2/requests/{first}/status", headers=alice.headers).get_json()[
+            "queue_position"
+        ]
+        == 0
+    )
     status = client.get(f"/v2/requests/{second}/status", headers=alice.headers)
     assert status.status_code == 200
     body = status.get_json()
@@ -159,19 +181,23 @@ def test_status_of_a_queued_job_reports_position(client: FlaskClient, alice: Api
     assert body["progress"] == {"images_done": 0, "images": 1, "step": 0, "steps": 25}
 
 
-def test_running_job_is_processing(client: FlaskClient, alice: ApiUser,
-                                   sessions: sessionmaker[Session]) -> None:
+def test_running_job_is_processing(
+    client: FlaskClient, alice: ApiUser, sessions: sessionmaker[Session]
+) -> None:
     from datetime import timedelta
 
     job_id = submit(client, alice)["request_id"]
     with transaction(sessions) as session:
         claim_job(session, job_id, "w", timedelta(minutes=1))
-    assert client.get(f"/v2/requests/{job_id}/status",
-                      headers=alice.headers).get_json()["status"] == "PROCESSING"
+    assert (
+        client.get(f"/v2/requests/{job_id}/status", headers=alice.headers).get_json()["status"]
+        == "PROCESSING"
+    )
 
 
-def test_failed_job_is_served_with_422_and_error(client: FlaskClient, alice: ApiUser,
-                                                 sessions: sessionmaker[Session]) -> None:
+def test_failed_job_is_served_with_422_and_error(
+    client: FlaskClient, alice: ApiUser, sessions: sessionmaker[Session]
+) -> None:
     job_id = submit(client, alice)["request_id"]
     with transaction(sessions) as session:
         fail_job(session, job_id, "The render failed on the worker")
@@ -205,15 +231,16 @@ def test_another_tenants_job_is_404_but_a_teammates_is_visible(
     job_id = submit(client, alice)["request_id"]
     mallory = make_user(sessions, "mallory", 1000)
     teammate = make_user(sessions, "bob", 1000, tenant="alice")
-    for method, path in (("get", f"/v2/requests/{job_id}/status"),
-                         ("get", f"/v2/requests/{job_id}"),
-                         ("get", f"/v2/requests/{job_id}/images/0"),
-                         ("delete", f"/v2/requests/{job_id}")):
+    for method, path in (
+        ("get", f"/v2/requests/{job_id}/status"),
+        ("get", f"/v2/requests/{job_id}"),
+        ("get", f"/v2/requests/{job_id}/images/0"),
+        ("delete", f"/v2/requests/{job_id}"),
+    ):
         response = getattr(client, method)(path, headers=mallory.headers)
         assert response.status_code == 404, path
         assert response.get_json()["error"] == f"No request with id {job_id!r}"
-    assert client.get(f"/v2/requests/{job_id}/status",
-                      headers=teammate.headers).status_code == 200
+    assert client.get(f"/v2/requests/{job_id}/status", headers=teammate.headers).status_code == 200
     unknown = client.get("/v2/requests/nope/status", headers=alice.headers)
     assert unknown.status_code == 404
 
@@ -255,7 +282,8 @@ def test_unreachable_queue_fails_the_job_and_refunds(
     app: Flask = create_app(broken)
     app.extensions["kolors_farm"].celery.conf.broker_connection_max_retries = 0
     app.extensions["kolors_farm"].celery.conf.broker_transport_options.update(
-        {"max_retries": 0, "socket_connect_timeout": 0.5})
+        {"max_retries": 0, "socket_connect_timeout": 0.5}
+    )
     response = app.test_client().post("/v2/kolors", json={"prompt": "x"}, headers=alice.headers)
     assert response.status_code == 503
     assert response.headers["Retry-After"]
@@ -291,5 +319,9 @@ def test_openapi_document_uses_the_one_schema(client: FlaskClient) -> None:
     params = document["components"]["schemas"]["KolorsParams"]["properties"]
     assert params["steps"]["maximum"] == 50 and params["steps"]["default"] == 25
     assert tuple(params["scheduler"]["enum"]) == SCHEDULERS
-    assert {"/v1/kolors", "/v2/kolors", "/v2/requests/{job_id}/status",
-            "/v1/get-user-credits"} <= set(document["paths"])
+    assert {
+        "/v1/kolors",
+        "/v2/kolors",
+        "/v2/requests/{job_id}/status",
+        "/v1/get-user-credits",
+    } <= set(document["paths"])

@@ -25,8 +25,14 @@ REPO = Path(__file__).resolve().parent.parent
 SEGMIND_SAMPLE = {  # Segmind's own Kolors sample request, sent as form data
     "prompt": "a cute panda eating bamboo, studio ghibli style",
     "negative_prompt": "ugly, deformed",
-    "cfg": "6", "seed": "441234134", "steps": "25", "width": "1024", "height": "1024",
-    "scheduler": "EulerDiscreteScheduler", "output_format": "webp", "output_quality": "80",
+    "cfg": "6",
+    "seed": "441234134",
+    "steps": "25",
+    "width": "1024",
+    "height": "1024",
+    "scheduler": "EulerDiscreteScheduler",
+    "output_format": "webp",
+    "output_quality": "80",
     "number_of_images": "1",
 }
 
@@ -39,8 +45,14 @@ class Farm:
     env: dict[str, str]
 
     def cli(self, *args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "api", *args], env=self.env,
-                                capture_output=True, text=True, timeout=120, check=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "api", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
         return result.stdout
 
     def create_user(self, name: str, credits: str) -> str:
@@ -51,7 +63,7 @@ def _wait_until_ready(url: str, procs: list[subprocess.Popen[bytes]]) -> None:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         for proc in procs:
-            assert proc.poll() is None, f"{proc.args} exited with {proc.returncode}"
+            assert proc.poll() is None, f"{proc.args!r} exited with {proc.returncode}"
         try:
             body = httpx.get(f"{url}/readyz", timeout=2).json()
             if body.get("ready") and body.get("workers"):
@@ -63,22 +75,36 @@ def _wait_until_ready(url: str, procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 @pytest.fixture(scope="module")
-def farm(redis_server: RedisServer, tiny_model_dir: Path,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
+def farm(
+    redis_server: RedisServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Farm]:
     data_dir = tmp_path_factory.mktemp("farm")
     port = free_port()
-    env = dict(os.environ, KOLORS_FARM_DATA_DIR=str(data_dir),
-               KOLORS_FARM_REDIS_URL=redis_server.url.replace("/0", "/3"),
-               KOLORS_FARM_MODEL=str(tiny_model_dir), KOLORS_FARM_SYNC_TIMEOUT_S="120",
-               KOLORS_FARM_DEVICE="cpu", PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ,
+        KOLORS_FARM_DATA_DIR=str(data_dir),
+        KOLORS_FARM_REDIS_URL=redis_server.url.replace("/0", "/3"),
+        KOLORS_FARM_MODEL=str(tiny_model_dir),
+        KOLORS_FARM_SYNC_TIMEOUT_S="120",
+        KOLORS_FARM_DEVICE="cpu",
+        PYTHONPATH=str(REPO),
+    )
     subprocess.run([sys.executable, "-m", "api", "migrate"], env=env, check=True, timeout=120)
     logs = data_dir / "logs"
     logs.mkdir()
     procs = [
-        subprocess.Popen([sys.executable, "-m", "worker", "worker", "--name", "e2e-cpu0"],
-                         env=env, stdout=(logs / "worker.log").open("wb"), stderr=subprocess.STDOUT),
-        subprocess.Popen([sys.executable, "-m", "api", "api", "--port", str(port)], env=env,
-                         stdout=(logs / "api.log").open("wb"), stderr=subprocess.STDOUT),
+        subprocess.Popen(
+            [sys.executable, "-m", "worker", "worker", "--name", "e2e-cpu0"],
+            env=env,
+            stdout=(logs / "worker.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "api", "api", "--port", str(port)],
+            env=env,
+            stdout=(logs / "api.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        ),
     ]
     try:
         url = f"http://127.0.0.1:{port}"
@@ -104,8 +130,9 @@ def credits_of(farm: Farm, key: str) -> str:
 
 def test_segmind_sample_as_form_data_returns_a_1024_webp(farm: Farm) -> None:
     key = farm.create_user("sample", "10")
-    response = httpx.post(f"{farm.url}/v1/kolors", data=SEGMIND_SAMPLE,
-                          headers={"x-api-key": key}, timeout=180)
+    response = httpx.post(
+        f"{farm.url}/v1/kolors", data=SEGMIND_SAMPLE, headers={"x-api-key": key}, timeout=180
+    )
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/webp"
     image = Image.open(io.BytesIO(response.content))
@@ -113,11 +140,16 @@ def test_segmind_sample_as_form_data_returns_a_1024_webp(farm: Farm) -> None:
     assert response.headers["x-seed"] == "441234134"
     assert response.headers["x-remaining-credits"] == "9"
     assert credits_of(farm, key) == "9"
-    again = httpx.post(f"{farm.url}/v1/kolors", data=SEGMIND_SAMPLE,
-                       headers={"x-api-key": key}, timeout=180)
+    again = httpx.post(
+        f"{farm.url}/v1/kolors", data=SEGMIND_SAMPLE, headers={"x-api-key": key}, timeout=180
+    )
     assert again.content == response.content
-    other = httpx.post(f"{farm.url}/v1/kolors", data=SEGMIND_SAMPLE | {"seed": "1"},
-                       headers={"x-api-key": key}, timeout=180)
+    other = httpx.post(
+        f"{farm.url}/v1/kolors",
+        data=SEGMIND_SAMPLE | {"seed": "1"},
+        headers={"x-api-key": key},
+        timeout=180,
+    )
     assert other.status_code == 200 and other.content != response.content
     assert credits_of(farm, key) == "7"
 
@@ -168,9 +200,19 @@ def test_json_with_base64_returns_every_image(farm: Farm) -> None:
     import base64
 
     key = farm.create_user("b64", "5")
-    response = httpx.post(f"{farm.url}/v1/kolors", json={
-        "prompt": "x", "width": 512, "height": 512, "number_of_images": 2, "base64": True,
-        "output_format": "jpeg"}, headers={"x-api-key": key}, timeout=180)
+    response = httpx.post(
+        f"{farm.url}/v1/kolors",
+        json={
+            "prompt": "x",
+            "width": 512,
+            "height": 512,
+            "number_of_images": 2,
+            "base64": True,
+            "output_format": "jpeg",
+        },
+        headers={"x-api-key": key},
+        timeout=180,
+    )
     assert response.status_code == 200
     body = response.json()
     assert body["seeds"] == [441234134, 441234135]
@@ -182,9 +224,11 @@ def test_json_with_base64_returns_every_image(farm: Farm) -> None:
 def test_status_shows_progress_while_running(farm: Farm) -> None:
     key = farm.create_user("progress", "50")
     headers = {"x-api-key": key}
-    submitted = httpx.post(f"{farm.url}/v2/kolors", json={
-        "prompt": "x", "width": 1024, "height": 1024, "steps": 50, "number_of_images": 3},
-        headers=headers).json()
+    submitted = httpx.post(
+        f"{farm.url}/v2/kolors",
+        json={"prompt": "x", "width": 1024, "height": 1024, "steps": 50, "number_of_images": 3},
+        headers=headers,
+    ).json()
     seen: set[str] = set()
     steps_seen: set[int] = set()
     deadline = time.monotonic() + 180

@@ -37,9 +37,11 @@ def small(n: int = 1) -> KolorsParams:
 
 def entries(sessions: sessionmaker[Session], job_id: str) -> list[tuple[str, int, int]]:
     with transaction(sessions) as session:
-        rows = session.execute(select(LedgerEntry.kind, LedgerEntry.available_delta,
-                                      LedgerEntry.held_delta)
-                               .where(LedgerEntry.job_id == job_id).order_by(LedgerEntry.id))
+        rows = session.execute(
+            select(LedgerEntry.kind, LedgerEntry.available_delta, LedgerEntry.held_delta)
+            .where(LedgerEntry.job_id == job_id)
+            .order_by(LedgerEntry.id)
+        )
         return [tuple(row) for row in rows]  # type: ignore[misc]
 
 
@@ -52,8 +54,16 @@ def assert_books_balance(sessions: sessionmaker[Session], user: ApiUser) -> int:
 
 def deliver(sessions: sessionmaker[Session], job_id: str, attempt: int, index: int) -> None:
     with transaction(sessions) as session:
-        record_image(session, job_id, attempt, index, seed=index, storage_key=f"k/{index}",
-                     content_type="image/webp", size_bytes=1)
+        record_image(
+            session,
+            job_id,
+            attempt,
+            index,
+            seed=index,
+            storage_key=f"k/{index}",
+            content_type="image/webp",
+            size_bytes=1,
+        )
 
 
 def test_submit_holds_full_price(sessions: sessionmaker[Session], alice: ApiUser) -> None:
@@ -69,8 +79,14 @@ def test_not_enough_credits_leaves_no_job_and_no_entry(sessions: sessionmaker[Se
         submit_job(session, poor.principal, small(), ONE)
     with transaction(sessions) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
-        assert session.scalar(select(func.count()).select_from(LedgerEntry)
-                              .where(LedgerEntry.kind != LedgerKind.GRANT.value)) == 0
+        assert (
+            session.scalar(
+                select(func.count())
+                .select_from(LedgerEntry)
+                .where(LedgerEntry.kind != LedgerKind.GRANT.value)
+            )
+            == 0
+        )
     assert assert_books_balance(sessions, poor) == 200
 
 
@@ -86,8 +102,11 @@ def test_complete_captures_each_image_and_settles_once(
     deliver(sessions, job.id, 1, 1)
     with transaction(sessions) as session:
         assert finish_job(session, job.id, 1) == JobState.COMPLETED
-    assert entries(sessions, job.id) == [("hold", -500, 500), ("capture", 0, -250),
-                                         ("capture", 0, -250)]
+    assert entries(sessions, job.id) == [
+        ("hold", -500, 500),
+        ("capture", 0, -250),
+        ("capture", 0, -250),
+    ]
     assert assert_books_balance(sessions, alice) == 9500
     with pytest.raises(StaleAttempt), transaction(sessions) as session:
         finish_job(session, job.id, 1)
@@ -154,8 +173,9 @@ def test_cancel_of_running_job_keeps_delivered_images(
     assert assert_books_balance(sessions, alice) == 9750
 
 
-def test_balance_check_constraint_rejects_negative(sessions: sessionmaker[Session],
-                                                   alice: ApiUser) -> None:
+def test_balance_check_constraint_rejects_negative(
+    sessions: sessionmaker[Session], alice: ApiUser
+) -> None:
     with pytest.raises(IntegrityError), transaction(sessions) as session:
         session.get_one(User, alice.principal.user_id).balance = -1
 
@@ -186,7 +206,7 @@ def test_concurrent_submissions_never_overdraw(sessions: sessionmaker[Session]) 
             except NotEnoughCredits:
                 with lock:
                     refused.append(1)
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
 
     threads = [threading.Thread(target=submit_many) for _ in range(8)]

@@ -19,40 +19,61 @@ def problems(data: dict[str, Any]) -> dict[str, str]:
 def test_defaults_match_segmind() -> None:
     params = parse_params({"prompt": "a cat"})
     assert params.model_dump() == {
-        "prompt": "a cat", "negative_prompt": "", "cfg": 6.0, "seed": 441234134, "steps": 25,
-        "width": 1024, "height": 1024, "scheduler": "EulerDiscreteScheduler",
-        "output_format": "webp", "output_quality": 80, "number_of_images": 1, "base64": False,
+        "prompt": "a cat",
+        "negative_prompt": "",
+        "cfg": 6.0,
+        "seed": 441234134,
+        "steps": 25,
+        "width": 1024,
+        "height": 1024,
+        "scheduler": "EulerDiscreteScheduler",
+        "output_format": "webp",
+        "output_quality": 80,
+        "number_of_images": 1,
+        "base64": False,
     }
 
 
 def test_form_strings_are_parsed_as_numbers() -> None:
-    params = parse_params({"prompt": "狐狸 in snow", "steps": "30", "cfg": "6.5", "width": "768",
-                           "height": "1536", "seed": "-1", "number_of_images": "3"})
+    params = parse_params(
+        {
+            "prompt": "狐狸 in snow",
+            "steps": "30",
+            "cfg": "6.5",
+            "width": "768",
+            "height": "1536",
+            "seed": "-1",
+            "number_of_images": "3",
+        }
+    )
     assert (params.steps, params.cfg, params.width, params.height) == (30, 6.5, 768, 1536)
     assert params.seed == -1
     assert params.number_of_images == 3
 
 
-@pytest.mark.parametrize(("field", "value", "rule"), [
-    ("steps", 0, "greater_than_equal"),
-    ("steps", 51, "less_than_equal"),
-    ("steps", "2.5", "int_parsing"),
-    ("steps", True, "value_error"),
-    ("cfg", -0.1, "greater_than_equal"),
-    ("cfg", 20.5, "less_than_equal"),
-    ("cfg", "nan", "finite_number"),
-    ("seed", -2, "greater_than_equal"),
-    ("seed", 2**32, "less_than_equal"),
-    ("width", 504, "greater_than_equal"),
-    ("width", 2056, "less_than_equal"),
-    ("height", 1001, "multiple_of"),
-    ("output_quality", 101, "less_than_equal"),
-    ("number_of_images", 11, "less_than_equal"),
-    ("number_of_images", 0, "greater_than_equal"),
-    ("scheduler", "FlowMatchEulerDiscreteScheduler", "literal_error"),
-    ("output_format", "gif", "literal_error"),
-    ("guidance_scale", 5, "extra_forbidden"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "rule"),
+    [
+        ("steps", 0, "greater_than_equal"),
+        ("steps", 51, "less_than_equal"),
+        ("steps", "2.5", "int_parsing"),
+        ("steps", True, "value_error"),
+        ("cfg", -0.1, "greater_than_equal"),
+        ("cfg", 20.5, "less_than_equal"),
+        ("cfg", "nan", "finite_number"),
+        ("seed", -2, "greater_than_equal"),
+        ("seed", 2**32, "less_than_equal"),
+        ("width", 504, "greater_than_equal"),
+        ("width", 2056, "less_than_equal"),
+        ("height", 1001, "multiple_of"),
+        ("output_quality", 101, "less_than_equal"),
+        ("number_of_images", 11, "less_than_equal"),
+        ("number_of_images", 0, "greater_than_equal"),
+        ("scheduler", "FlowMatchEulerDiscreteScheduler", "literal_error"),
+        ("output_format", "gif", "literal_error"),
+        ("guidance_scale", 5, "extra_forbidden"),
+    ],
+)
 def test_out_of_range_values_name_field_and_rule(field: str, value: Any, rule: str) -> None:
     assert problems({"prompt": "a cat", field: value}) == {field: rule}
 
@@ -78,9 +99,18 @@ def test_jpg_is_an_alias_of_jpeg() -> None:
 
 
 def test_boundaries_are_inclusive() -> None:
-    params = parse_params({"prompt": "x", "steps": 50, "cfg": 20, "seed": 2**32 - 1,
-                           "width": 2048, "height": 512, "output_quality": 0,
-                           "number_of_images": 10})
+    params = parse_params(
+        {
+            "prompt": "x",
+            "steps": 50,
+            "cfg": 20,
+            "seed": 2**32 - 1,
+            "width": 2048,
+            "height": 512,
+            "output_quality": 0,
+            "number_of_images": 10,
+        }
+    )
     assert (params.steps, params.width, params.height) == (50, 2048, 512)
 
 

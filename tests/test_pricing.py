@@ -15,15 +15,19 @@ def test_reference_image_costs_one_credit() -> None:
     assert price_per_image(1024, 1024, 25, ONE) == 1000
 
 
-@pytest.mark.parametrize(("width", "height", "steps", "expected"), [
-    (512, 512, 25, 250),
-    (2048, 2048, 50, 8000),
-    (1024, 1024, 50, 2000),
-    (512, 512, 1, 10),
-    (520, 512, 1, 11),  # 10.15625 rounds up
-])
-def test_price_scales_with_pixels_and_steps(width: int, height: int, steps: int,
-                                             expected: int) -> None:
+@pytest.mark.parametrize(
+    ("width", "height", "steps", "expected"),
+    [
+        (512, 512, 25, 250),
+        (2048, 2048, 50, 8000),
+        (1024, 1024, 50, 2000),
+        (512, 512, 1, 10),
+        (520, 512, 1, 11),  # 10.15625 rounds up
+    ],
+)
+def test_price_scales_with_pixels_and_steps(
+    width: int, height: int, steps: int, expected: int
+) -> None:
     assert price_per_image(width, height, steps, ONE) == expected
 
 

@@ -20,12 +20,13 @@ def renderer(tiny_model_dir: Path) -> KolorsRenderer:
     return KolorsRenderer.load(Settings(model=str(tiny_model_dir)), "cpu")
 
 
-def run(renderer: KolorsRenderer, scheduler: str, seed: int,
-        steps_seen: list[tuple[int, int]]) -> np.ndarray:
-    params = KolorsParams(prompt="a lighthouse at dusk", width=512, height=512, steps=STEPS,
-                          scheduler=scheduler)  # type: ignore[arg-type]
-    images = renderer.render(params, [seed], lambda i, n: steps_seen.append((i, n)),
-                             lambda: False)
+def run(
+    renderer: KolorsRenderer, scheduler: str, seed: int, steps_seen: list[tuple[int, int]]
+) -> np.ndarray:
+    params = KolorsParams(
+        prompt="a lighthouse at dusk", width=512, height=512, steps=STEPS, scheduler=scheduler
+    )
+    images = renderer.render(params, [seed], lambda i, n: steps_seen.append((i, n)), lambda: False)
     assert images is not None
     image: Image.Image = images[0]
     assert image.size == (512, 512)

@@ -1,9 +1,8 @@
-"""The render path in-process: the real KolorsPipeline on the tiny checkpoint, real DB, Redis, disk."""
+"""The render path in-process: the real KolorsPipeline (tiny checkpoint), DB, Redis, disk."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -32,11 +31,17 @@ def renderer(tiny_model_dir: Path) -> KolorsRenderer:
 
 
 @pytest.fixture
-def context(settings: Settings, sessions: sessionmaker[Session], renderer: KolorsRenderer,
-            tmp_path: Path) -> Iterator[WorkerContext]:
-    yield WorkerContext(name="test-worker", settings=settings, sessions=sessions,
-                        redis=make_redis(settings.require_redis_url()),
-                        storage=LocalStorage(tmp_path / "results"), renderer=renderer)
+def context(
+    settings: Settings, sessions: sessionmaker[Session], renderer: KolorsRenderer, tmp_path: Path
+) -> WorkerContext:
+    return WorkerContext(
+        name="test-worker",
+        settings=settings,
+        sessions=sessions,
+        redis=make_redis(settings.require_redis_url()),
+        storage=LocalStorage(tmp_path / "results"),
+        renderer=renderer,
+    )
 
 
 def render(context: WorkerContext, user: ApiUser, **params: object) -> Job:
@@ -76,8 +81,9 @@ def test_renders_stores_records_and_charges(context: WorkerContext, alice: ApiUs
     assert progress.images_done == 1  # written before the last image was recorded
 
 
-def test_same_seed_same_image_other_seed_other_image(context: WorkerContext,
-                                                     alice: ApiUser) -> None:
+def test_same_seed_same_image_other_seed_other_image(
+    context: WorkerContext, alice: ApiUser
+) -> None:
     first = image_bytes(context, render(context, alice, seed=7, output_format="png"))
     again = image_bytes(context, render(context, alice, seed=7, output_format="png"))
     other = image_bytes(context, render(context, alice, seed=8, output_format="png"))
@@ -85,30 +91,33 @@ def test_same_seed_same_image_other_seed_other_image(context: WorkerContext,
     assert np.abs(pixels(first) - pixels(other)).mean() > 5
 
 
-def test_image_i_reproduces_alone_with_seed_plus_i(context: WorkerContext,
-                                                   alice: ApiUser) -> None:
+def test_image_i_reproduces_alone_with_seed_plus_i(context: WorkerContext, alice: ApiUser) -> None:
     batch = render(context, alice, seed=100, number_of_images=3, output_format="png")
     alone = render(context, alice, seed=102, output_format="png")
     assert image_bytes(context, batch, 2) == image_bytes(context, alone)
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("prompt", "一只红色的狐狸"),
-    ("negative_prompt", "blurry"),
-    ("cfg", 2.0),
-    ("steps", 6),
-    ("scheduler", "DDIMScheduler"),
-])
-def test_each_parameter_reaches_the_pipeline(context: WorkerContext, alice: ApiUser,
-                                             name: str, value: object) -> None:
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("prompt", "一只红色的狐狸"),
+        ("negative_prompt", "blurry"),
+        ("cfg", 2.0),
+        ("steps", 6),
+        ("scheduler", "DDIMScheduler"),
+    ],
+)
+def test_each_parameter_reaches_the_pipeline(
+    context: WorkerContext, alice: ApiUser, name: str, value: object
+) -> None:
     base = pixels(image_bytes(context, render(context, alice, seed=3, output_format="png")))
-    changed = pixels(image_bytes(context, render(context, alice, seed=3, output_format="png",
-                                                 **{name: value})))
+    changed = pixels(
+        image_bytes(context, render(context, alice, seed=3, output_format="png", **{name: value}))
+    )
     assert np.abs(base - changed).mean() > 0.1
 
 
-def test_size_format_and_quality_reach_the_encoder(context: WorkerContext,
-                                                   alice: ApiUser) -> None:
+def test_size_format_and_quality_reach_the_encoder(context: WorkerContext, alice: ApiUser) -> None:
     wide = render(context, alice, width=768, height=512, output_format="jpeg", output_quality=95)
     low = render(context, alice, width=768, height=512, output_format="jpeg", output_quality=20)
     webp = render(context, alice, output_format="webp")
@@ -144,8 +153,12 @@ def test_cancel_mid_render_stops_and_charges_only_delivered(
     context: WorkerContext, alice: ApiUser
 ) -> None:
     with transaction(context.sessions) as session:
-        job = submit_job(session, alice.principal, KolorsParams(
-            prompt="x", width=512, height=512, steps=4, number_of_images=3), Decimal(1))
+        job = submit_job(
+            session,
+            alice.principal,
+            KolorsParams(prompt="x", width=512, height=512, steps=4, number_of_images=3),
+            Decimal(1),
+        )
     calls = 0
     original = context.renderer.render
 
@@ -158,7 +171,7 @@ def test_cancel_mid_render_stops_and_charges_only_delivered(
             request_cancel(context.redis, job.id)
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
-    context.renderer.render = render_then_cancel  # type: ignore[method-assign]
+    context.renderer.render = render_then_cancel  # type: ignore[method-assign,assignment]
     try:
         run_render_job(context, job.id)
     finally:
@@ -171,8 +184,7 @@ def test_cancel_mid_render_stops_and_charges_only_delivered(
     assert calls == 2
 
 
-def test_a_message_for_a_finished_job_does_nothing(context: WorkerContext,
-                                                   alice: ApiUser) -> None:
+def test_a_message_for_a_finished_job_does_nothing(context: WorkerContext, alice: ApiUser) -> None:
     job = render(context, alice)
     run_render_job(context, job.id)  # a redelivered message
     with transaction(context.sessions) as session:

@@ -30,13 +30,17 @@ def register_render_task(app: Celery, context: WorkerContext) -> None:
 
 
 def _heartbeat_loop(context: WorkerContext, stop: threading.Event) -> None:
-    info = {"device": str(context.renderer.device), "model": context.renderer.model_id,
-            "pid": os.getpid(), "host": socket.gethostname()}
+    info = {
+        "device": str(context.renderer.device),
+        "model": context.renderer.model_id,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
     interval = context.settings.heartbeat_interval_s
     while not stop.is_set():
         try:
             record_heartbeat(context.redis, context.name, info, ttl_s=interval * 3)
-        except Exception as exc:  # noqa: BLE001 - a missed heartbeat is retried, never fatal
+        except Exception as exc:
             log.warning("heartbeat failed: %s", type(exc).__name__)
         stop.wait(interval)
 
@@ -53,21 +57,33 @@ def run_worker(settings: Settings, device: str | None, name: str | None) -> int:
         return 1
     engine = make_engine(settings.resolved_database_url)
     context = WorkerContext(
-        name=name, settings=settings, sessions=make_session_factory(engine),
+        name=name,
+        settings=settings,
+        sessions=make_session_factory(engine),
         redis=make_redis(settings.require_redis_url()),
-        storage=make_storage(settings.resolved_storage_url), renderer=renderer,
+        storage=make_storage(settings.resolved_storage_url),
+        renderer=renderer,
     )
     app = make_celery(settings)
     register_render_task(app, context)
     stop = threading.Event()
-    threading.Thread(target=_heartbeat_loop, args=(context, stop), daemon=True,
-                     name="heartbeat").start()
+    threading.Thread(
+        target=_heartbeat_loop, args=(context, stop), daemon=True, name="heartbeat"
+    ).start()
     try:
-        app.worker_main([
-            "worker", "--pool=solo", "--concurrency=1", f"--hostname={name}",
-            f"--queues={RENDER_QUEUE}", "--without-gossip", "--without-mingle",
-            "--without-heartbeat", "--loglevel=INFO",
-        ])
+        app.worker_main(
+            [
+                "worker",
+                "--pool=solo",
+                "--concurrency=1",
+                f"--hostname={name}",
+                f"--queues={RENDER_QUEUE}",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "--loglevel=INFO",
+            ]
+        )
     finally:
         stop.set()
         context.redis.delete(worker_key(name))
@@ -86,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight checkpoint")
     tiny.add_argument("directory")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.command == "tiny-model":
         from pathlib import Path
 

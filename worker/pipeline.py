@@ -60,7 +60,7 @@ class KolorsRenderer:
         self.model_id = model_id
         self._scheduler_config = dict(pipe.scheduler.config)
         self._schedulers: dict[str, Any] = {}
-        pipe.set_progress_bar_config(disable=True)
+        pipe.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
 
     @classmethod
     def load(cls, settings: Settings, device_name: str) -> KolorsRenderer:
@@ -74,8 +74,13 @@ class KolorsRenderer:
             kwargs["variant"] = "fp16"  # the hub checkpoint ships half-precision weights
         pipe = KolorsPipeline.from_pretrained(source, **kwargs)
         pipe.to(device)
-        log.info("loaded %s on %s as %s in %.1f s", settings.model, device, dtype,
-                 time.perf_counter() - started)
+        log.info(
+            "loaded %s on %s as %s in %.1f s",
+            settings.model,
+            device,
+            dtype,
+            time.perf_counter() - started,
+        )
         return cls(pipe, device, settings.model)
 
     def scheduler(self, name: str) -> Any:
@@ -95,7 +100,9 @@ class KolorsRenderer:
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
         interrupted = False
 
-        def step_end(pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        def step_end(
+            pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]
+        ) -> dict[str, Any]:
             nonlocal interrupted
             on_step(step + 1, pipe.num_timesteps)
             if should_stop():

@@ -56,9 +56,18 @@ class _ProgressReporter:
             self.write(step, steps)
 
     def write(self, step: int, steps: int) -> None:
-        write_progress(self._context.redis, self._spec.job_id, Progress(
-            attempt=self._spec.attempt, step=step, steps=steps, images_done=self.images_done,
-            images=self._spec.params.number_of_images, updated_at=time.time()))
+        write_progress(
+            self._context.redis,
+            self._spec.job_id,
+            Progress(
+                attempt=self._spec.attempt,
+                step=step,
+                steps=steps,
+                images_done=self.images_done,
+                images=self._spec.params.number_of_images,
+                updated_at=time.time(),
+            ),
+        )
 
     def should_stop(self) -> bool:
         return is_cancel_requested(self._context.redis, self._spec.job_id)
@@ -72,8 +81,12 @@ def run_render_job(context: WorkerContext, job_id: str) -> None:
     if spec is None:
         log.info("job %s is not claimable (already taken, finished or cancelled); skipping", job_id)
         return
-    log.info("job %s attempt %d: rendering %d image(s)", job_id, spec.attempt,
-             len(spec.pending_indices()))
+    log.info(
+        "job %s attempt %d: rendering %d image(s)",
+        job_id,
+        spec.attempt,
+        len(spec.pending_indices()),
+    )
     state: str = JobState.FAILED.value
     try:
         _render_pending_images(context, spec)
@@ -85,8 +98,11 @@ def run_render_job(context: WorkerContext, job_id: str) -> None:
         return
     except torch.OutOfMemoryError:
         log.error("job %s: out of device memory", job_id)
-        _fail(context, spec, "Out of GPU memory for this size and number of images; "
-              "the credits were released")
+        _fail(
+            context,
+            spec,
+            "Out of GPU memory for this size and number of images; the credits were released",
+        )
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     except Exception:
@@ -109,9 +125,10 @@ def _render_pending_images(context: WorkerContext, spec: RenderSpec) -> None:
     batch = context.settings.render_batch_size
     reporter.write(0, params.steps)
     for start in range(0, len(pending), batch):
-        indices = pending[start:start + batch]
-        images = context.renderer.render(params, [spec.image_seed(i) for i in indices],
-                                         reporter.step, reporter.should_stop)
+        indices = pending[start : start + batch]
+        images = context.renderer.render(
+            params, [spec.image_seed(i) for i in indices], reporter.step, reporter.should_stop
+        )
         if images is None:
             log.info("job %s: cancelled mid-render", spec.job_id)
             return
@@ -121,8 +138,16 @@ def _render_pending_images(context: WorkerContext, spec: RenderSpec) -> None:
             # Stored before it is recorded: a recorded image always exists.
             context.storage.put(key, data, content_type)
             with transaction(context.sessions) as session:
-                record_image(session, spec.job_id, spec.attempt, index, seed=spec.image_seed(index),
-                             storage_key=key, content_type=content_type, size_bytes=len(data))
+                record_image(
+                    session,
+                    spec.job_id,
+                    spec.attempt,
+                    index,
+                    seed=spec.image_seed(index),
+                    storage_key=key,
+                    content_type=content_type,
+                    size_bytes=len(data),
+                )
             reporter.images_done += 1
         if reporter.should_stop():
             return

@@ -1,0 +1,38 @@
+"""Boundaries: the domain imports no web or ML framework; the API never imports the worker."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN = {
+    "shared": {"flask", "werkzeug", "torch", "diffusers", "transformers", "api", "worker"},
+    "api": {"torch", "diffusers", "transformers", "worker"},
+}
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_imports_stay_inside_their_boundary(package: str) -> None:
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files
+    violations = {
+        str(f.relative_to(ROOT)): sorted(imported_roots(f) & FORBIDDEN[package]) for f in files
+    }
+    assert {f: v for f, v in violations.items() if v} == {}
+
+
+def test_the_checker_sees_imports() -> None:
+    assert {"torch", "worker"} <= imported_roots(ROOT / "worker" / "pipeline.py")
