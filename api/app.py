@@ -13,7 +13,6 @@ from api.openapi import bp as openapi_bp
 from api.views import bp
 from shared.db import make_engine, make_session_factory
 from shared.events import make_redis
-from shared.queue import make_celery
 from shared.settings import Settings
 from shared.storage import make_storage
 
@@ -30,7 +29,6 @@ def create_app(settings: Settings | None = None) -> Flask:
         engine=engine,
         sessions=make_session_factory(engine),
         redis=make_redis(settings.require_redis_url()),
-        celery=make_celery(settings),
         storage=make_storage(settings.resolved_storage_url),
     )
     app.register_blueprint(bp)

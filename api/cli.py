@@ -99,6 +99,18 @@ def api(host: str, port: int, processes: int, threads: int) -> None:
     serve(_settings(), host, port, processes, threads)
 
 
+@main.command()
+def dispatcher() -> None:
+    """Release queued jobs to the workers in fair-share order and recover lost work.
+
+    Run one or more (one is active at a time; the others stand by).
+    """
+    from api.dispatcher import run_dispatcher
+
+    _configure_logging()
+    sys.exit(run_dispatcher(_settings()))
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option(
     "--device", default=None, help="cuda:N, cpu or auto (default: KOLORS_FARM_DEVICE, else auto)."

@@ -1,11 +1,10 @@
-"""The per-app resources views use: settings, database, Redis, queue and storage."""
+"""The per-app resources views use: settings, database, Redis and storage."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import redis
-from celery import Celery
 from flask import current_app
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,7 +23,6 @@ class FarmContext:
     engine: Engine
     sessions: sessionmaker[Session]
     redis: redis.Redis
-    celery: Celery
     storage: ResultStorage
 
 

@@ -38,7 +38,7 @@ def _farm_error(exc: FarmError) -> Response:
             {"field": p.field, "rule": p.rule, "message": p.message} for p in exc.problems
         ]
     response = problem(exc.status, exc.title, exc.message, **extra)
-    if isinstance(exc, ServiceUnavailable):
+    if exc.retry_after_s is not None:
         response.headers["Retry-After"] = str(exc.retry_after_s)
     return response
 

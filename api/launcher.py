@@ -1,4 +1,4 @@
-"""`kolors-farm up`: migrations, a private Redis, workers and the API as supervised children."""
+"""`kolors-farm up`: migrations, a private Redis, workers, dispatcher and API as children."""
 
 from __future__ import annotations
 
@@ -190,6 +190,7 @@ def run_farm(settings: Settings, host: str, port: int, cpu_workers: int) -> int:
             children.start(
                 name, [sys.executable, "-m", "worker", "worker", "--name", name], env | extra
             )
+        children.start("dispatcher", [sys.executable, "-m", "api", "dispatcher"], env)
         children.start(
             "api", [sys.executable, "-m", "api", "api", "--host", host, "--port", str(port)], env
         )

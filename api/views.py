@@ -4,32 +4,33 @@ from __future__ import annotations
 
 import base64
 import logging
+from datetime import timedelta
 from typing import Any
 
+import redis
 from flask import Blueprint, Response, g, jsonify, request, url_for
-from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import text
 
 from api.auth import authenticated, current_principal
 from api.context import farm
 from api.errors import problem
 from shared.db import transaction
-from shared.errors import InvalidParams, ServiceUnavailable
-from shared.events import live_workers, read_progress, request_cancel, wait_for_job
-from shared.jobs import (
-    cancel_job,
-    fail_job,
-    get_job,
-    job_state,
-    public_status,
-    queue_position,
-    submit_job,
+from shared.dispatch import estimate_wait_seconds, job_work, queue_place
+from shared.errors import InvalidParams
+from shared.events import (
+    DISPATCH_LOCK_KEY,
+    live_workers,
+    read_progress,
+    render_speeds,
+    request_cancel,
+    wait_for_job,
+    wake_dispatcher,
 )
+from shared.jobs import cancel_job, get_job, job_state, public_status, submit_job
 from shared.ledger import get_balance
 from shared.models import TERMINAL_STATES, Job, JobState
 from shared.params import KolorsParams, parse_params
 from shared.pricing import format_credits
-from shared.queue import publish_render
 
 log = logging.getLogger(__name__)
 bp = Blueprint("kolors", __name__)
@@ -47,20 +48,45 @@ def _request_fields() -> dict[str, Any]:
     return request.form.to_dict(flat=True)
 
 
+DEADLINE_HEADER = "X-Deadline-Seconds"
+
+
+def _deadline() -> timedelta | None:
+    """The optional per-request deadline header, in seconds from now."""
+    raw = request.headers.get(DEADLINE_HEADER)
+    if raw is None:
+        return None
+    limit = farm().settings.max_deadline_s
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= limit:  # also refuses NaN and infinity
+        raise InvalidParams.single(
+            DEADLINE_HEADER, "range", f"must be a number of seconds above 0 and at most {limit:g}"
+        )
+    return timedelta(seconds=seconds)
+
+
 def _submit(params: KolorsParams) -> Job:
-    """Commit a job with its hold, then publish it; a failed publish fails the job cleanly."""
+    """Commit a QUEUED job with its hold, then wake the dispatcher, which releases it."""
     context = farm()
+    deadline = _deadline()
     with transaction(context.sessions) as session:
-        job = submit_job(session, current_principal(), params, context.settings.price_per_image)
+        job = submit_job(
+            session,
+            current_principal(),
+            params,
+            context.settings.price_per_image,
+            max_live_jobs=context.settings.max_queued_per_user,
+            deadline=deadline,
+        )
         g.balance = get_balance(session, current_principal().user_id)
     try:
-        publish_render(context.celery, job.id)
-    except (BrokerError, OSError) as exc:
-        log.error("could not publish job %s: %s", job.id, type(exc).__name__)
-        with transaction(context.sessions) as session:
-            fail_job(session, job.id, "The render queue is unavailable; no credits were charged")
-            g.balance = get_balance(session, current_principal().user_id)
-        raise ServiceUnavailable("The render queue is unavailable; retry shortly") from exc
+        wake_dispatcher(context.redis)
+    except redis.RedisError as exc:
+        # The job is safe in SQL; the dispatcher finds it on its next tick once Redis is back.
+        log.warning("job %s: dispatcher not woken (%s)", job.id, type(exc).__name__)
     log.info("job %s queued for user %s", job.id, current_principal().user_id)
     return job
 
@@ -160,26 +186,37 @@ def kolors_async() -> tuple[Response, int]:
 @bp.get("/v2/requests/<job_id>/status")
 @authenticated
 def job_status(job_id: str) -> Response:
-    """The job's state, progress, queue position; FAILED is served with 422."""
+    """The job's state, progress, queue position and ETA; FAILED is served with 422."""
     context = farm()
     with transaction(context.sessions) as session:
         job = get_job(session, current_principal(), job_id)
-        position = queue_position(session, job)
+        place = queue_place(session, job) if job.state == JobState.QUEUED.value else None
     body: dict[str, Any] = {
         "request_id": job.id,
         "status": public_status(job),
         **_failure_fields(job),
         **_timestamps(job),
     }
-    if job.state == JobState.QUEUED.value:
-        body["queue_position"] = position
     progress = read_progress(context.redis, job.id) if job.state == JobState.RUNNING.value else None
+    step = progress.step if progress else 0
+    steps = progress.steps if progress else job.params["steps"]
     body["progress"] = {
         "images_done": job.images_done,
         "images": job.number_of_images,
-        "step": progress.step if progress else 0,
-        "steps": progress.steps if progress else job.params["steps"],
+        "step": step,
+        "steps": steps,
     }
+    if job.state in (JobState.QUEUED.value, JobState.RUNNING.value):
+        workers = live_workers(context.redis)
+        speeds = list(render_speeds(context.redis, workers).values())
+        own_work = job_work(job.params, job.number_of_images)
+        if place is not None:
+            body["queue_position"] = place.position
+            eta = estimate_wait_seconds(place.work_ahead, own_work, speeds, len(workers))
+        else:
+            done = (job.images_done + step / max(1, steps)) / job.number_of_images
+            eta = estimate_wait_seconds(0.0, own_work * (1 - min(1.0, done)), speeds, 1)
+        body["eta_seconds"] = round(eta, 1) if eta is not None else None
     return _json(body, job)
 
 
@@ -293,5 +330,9 @@ def readyz() -> tuple[Response, int]:
     except Exception as exc:
         checks["redis"] = f"unavailable ({type(exc).__name__})"
     ready = all(value == "ok" for value in checks.values())
-    body = {"ready": ready, "checks": checks, "workers": workers}
+    dispatcher = None
+    if checks["redis"] == "ok":
+        leader = context.redis.get(DISPATCH_LOCK_KEY)
+        dispatcher = leader.decode() if isinstance(leader, bytes) else None
+    body = {"ready": ready, "checks": checks, "workers": workers, "dispatcher": dispatcher}
     return jsonify(body), 200 if ready else 503

@@ -10,6 +10,7 @@ class FarmError(Exception):
 
     status = 500
     title = "Internal error"
+    retry_after_s: int | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -87,6 +88,17 @@ class Conflict(FarmError):
 
     status = 409
     title = "Conflict"
+
+
+class TooManyJobs(FarmError):
+    """The user already has as many live jobs as the farm allows."""
+
+    status = 429
+    title = "Too many requests"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ServiceUnavailable(FarmError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -135,3 +135,45 @@ def request_cancel(client: redis.Redis, job_id: str) -> None:
 def is_cancel_requested(client: redis.Redis, job_id: str) -> bool:
     """Whether a cancel was asked for `job_id`."""
     return bool(client.exists(cancel_key(job_id)))
+
+
+DISPATCH_WAKE_KEY: Final = f"{_PREFIX}:dispatch:wake"
+DISPATCH_LOCK_KEY: Final = f"{_PREFIX}:dispatch:leader"
+SPEED_KEY: Final = f"{_PREFIX}:speed"
+
+
+def wake_dispatcher(client: redis.Redis) -> None:
+    """Tell the dispatcher there is work now, instead of at its next tick."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.lpush(DISPATCH_WAKE_KEY, "1")
+        pipe.ltrim(DISPATCH_WAKE_KEY, 0, 0)
+        pipe.execute()
+
+
+def wait_for_wake(client: redis.Redis, timeout_s: float) -> bool:
+    """Block until woken or `timeout_s` passes (keep it under the socket timeout)."""
+    woken = client.blpop([DISPATCH_WAKE_KEY], timeout=timeout_s)
+    return woken is not None
+
+
+# Render speed: an exponentially weighted mean of seconds per work unit (one
+# 1024x1024 image at one step), per worker; the ETA divides queued work by it.
+_SPEED_WEIGHT: Final = 0.3
+
+
+def record_render_speed(client: redis.Redis, worker: str, seconds_per_unit: float) -> None:
+    """Fold one measured render into the worker's speed."""
+    previous = client.hget(SPEED_KEY, worker)
+    value = seconds_per_unit
+    if previous is not None:
+        value = _SPEED_WEIGHT * seconds_per_unit + (1 - _SPEED_WEIGHT) * float(previous)
+    client.hset(SPEED_KEY, worker, f"{value:.6g}")
+
+
+def render_speeds(client: redis.Redis, workers: Iterable[str]) -> dict[str, float]:
+    """Measured seconds per work unit of the named workers that have rendered."""
+    names = list(workers)
+    if not names:
+        return {}
+    values = client.hmget(SPEED_KEY, names)
+    return {name: float(v) for name, v in zip(names, values, strict=True) if v is not None}

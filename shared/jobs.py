@@ -12,14 +12,15 @@ from __future__ import annotations
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from shared.accounts import Principal
-from shared.errors import JobNotFound, StaleAttempt
+from shared.errors import JobNotFound, StaleAttempt, TooManyJobs
 from shared.ledger import capture_image_credit, hold_credits, release_hold
 from shared.models import LIVE_STATES, Job, JobImage, JobState, utcnow
 from shared.params import EXTENSIONS, MAX_SEED, RANDOM_SEED, KolorsParams
@@ -49,6 +50,7 @@ class RenderSpec:
     params: KolorsParams
     seed: int
     delivered: frozenset[int]
+    deadline_at: datetime | None = None
 
     def image_seed(self, index: int) -> int:
         """The seed of image `index` (base seed + index, modulo 2^32)."""
@@ -75,10 +77,21 @@ def image_storage_key(tenant_id: int, job_id: str, index: int, output_format: st
 
 
 def submit_job(
-    session: Session, principal: Principal, params: KolorsParams, reference_price: Decimal
+    session: Session,
+    principal: Principal,
+    params: KolorsParams,
+    reference_price: Decimal,
+    *,
+    max_live_jobs: int | None = None,
+    deadline: timedelta | None = None,
 ) -> Job:
-    """Record a QUEUED job and hold its full price; NotEnoughCredits leaves nothing behind."""
+    """Record a QUEUED job and hold its full price.
+
+    NotEnoughCredits or TooManyJobs roll the caller's transaction back, so a
+    refused request leaves nothing behind.
+    """
     unit_price = price_per_image(params.width, params.height, params.steps, reference_price)
+    now = utcnow()
     job = Job(
         id=new_job_id(),
         tenant_id=principal.tenant_id,
@@ -88,10 +101,25 @@ def submit_job(
         seed=resolve_seed(params.seed),
         number_of_images=params.number_of_images,
         price_per_image=unit_price,
+        created_at=now,
+        deadline_at=now + deadline if deadline is not None else None,
     )
     session.add(job)
     session.flush()
+    # The hold's conditional UPDATE locks the user's row, so this count sees every
+    # concurrent submission of the same user that committed before it.
     hold_credits(session, principal.user_id, job.id, unit_price * params.number_of_images)
+    live = session.execute(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.user_id == principal.user_id, Job.state.in_([s.value for s in LIVE_STATES]))
+    ).scalar_one()
+    if max_live_jobs is not None and live > max_live_jobs:
+        raise TooManyJobs(
+            f"You have {max_live_jobs} requests queued or running, the most allowed; "
+            "retry when some have finished",
+            retry_after_s=10,
+        )
     return job
 
 
@@ -133,6 +161,7 @@ def claim_job(session: Session, job_id: str, worker: str, lease: timedelta) -> R
         params=KolorsParams.model_validate(job.params),
         seed=job.seed,
         delivered=frozenset(delivered),
+        deadline_at=job.deadline_at,
     )
 
 
@@ -170,12 +199,23 @@ def record_image(
     capture_image_credit(session, row.user_id, job_id, row.price_per_image)
 
 
-def finish_job(session: Session, job_id: str, attempt: int) -> JobState:
-    """End a rendered job: COMPLETED, or CANCELLED if a cancel arrived; release the rest."""
+def finish_job(
+    session: Session, job_id: str, attempt: int, stopped_because: str | None = None
+) -> JobState:
+    """End a rendered job: COMPLETED, or CANCELLED if a cancel arrived; release the rest.
+
+    `stopped_because` says why the worker stopped early (a deadline); the job ends
+    CANCELLED with that error.
+    """
+    values: dict[str, Any] = {"finished_at": utcnow(), "lease_expires_at": None}
+    if stopped_because is None:
+        values["state"] = _FINISHED_STATE
+    else:
+        values.update(state=JobState.CANCELLED.value, cancel_requested=True, error=stopped_because)
     row = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
-        .values(state=_FINISHED_STATE, finished_at=utcnow(), lease_expires_at=None)
+        .values(**values)
         .returning(Job.user_id, Job.state)
     ).first()
     if row is None:
@@ -230,24 +270,6 @@ def cancel_job(session: Session, principal: Principal, job_id: str) -> Job:
     return job
 
 
-def queue_position(session: Session, job: Job) -> int:
-    """How many queued jobs will be released before this one (0 = next)."""
-    if job.state != JobState.QUEUED.value:
-        return 0
-    ahead = session.execute(
-        select(func.count())
-        .select_from(Job)
-        .where(
-            Job.state == JobState.QUEUED.value,
-            or_(
-                Job.created_at < job.created_at,
-                and_(Job.created_at == job.created_at, Job.id < job.id),
-            ),
-        )
-    ).scalar_one()
-    return int(ahead)
-
-
 def public_status(job: Job) -> str:
     """Segmind's four states: QUEUED, PROCESSING, COMPLETED, FAILED."""
     return PUBLIC_STATUS[JobState(job.state)]
@@ -256,3 +278,14 @@ def public_status(job: Job) -> str:
 def job_state(session: Session, job_id: str) -> JobState:
     """A job's current state, read fresh."""
     return JobState(session.execute(select(Job.state).where(Job.id == job_id)).scalar_one())
+
+
+def renew_lease(session: Session, job_id: str, attempt: int, lease: timedelta) -> bool:
+    """Extend a running job's lease; False if `attempt` no longer holds it."""
+    renewed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
+        .values(lease_expires_at=utcnow() + lease)
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    return renewed is not None

@@ -100,9 +100,12 @@ class Tenant(Base):
     """A team; its users share visibility of each other's jobs."""
 
     __tablename__ = "tenants"
+    __table_args__ = (CheckConstraint("weight >= 1", name="weight_positive"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
+    # Fair-share weight against other tenants: a tenant of weight 2 gets twice the renders.
+    weight: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     users: Mapped[list[User]] = relationship(back_populates="tenant")
@@ -112,11 +115,16 @@ class User(Base):
     """A caller with API keys and a credit balance (in millicredits)."""
 
     __tablename__ = "users"
-    __table_args__ = (CheckConstraint("balance >= 0", name="balance_non_negative"),)
+    __table_args__ = (
+        CheckConstraint("balance >= 0", name="balance_non_negative"),
+        CheckConstraint("weight >= 1", name="weight_positive"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
+    # Fair-share weight against the other users of the same tenant.
+    weight: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     # Cached sum of the ledger's available_delta; changed only by conditional UPDATEs.
     balance: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -168,6 +176,10 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Set when the dispatcher hands the job to the broker; NULL while it waits its turn.
+    released_at: Mapped[datetime | None] = mapped_column(default=None)
+    # A client's deadline: past it a queued job is cancelled, a running one stops.
+    deadline_at: Mapped[datetime | None] = mapped_column(default=None)
 
     images: Mapped[list[JobImage]] = relationship(order_by="JobImage.index", back_populates="job")
 

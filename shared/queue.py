@@ -28,7 +28,11 @@ def make_celery(settings: Settings) -> Celery:
         worker_send_task_events=False,
         broker_transport_options={
             # A message unacked this long is redelivered; it must outlast the longest render.
+            # (The SQL lease, not this, is what recovers a dead worker's job quickly.)
             "visibility_timeout": settings.visibility_timeout_s,
+            # Scan for such messages every 60 s rather than every tenth 10 s sweep.
+            "unacked_restore_interval": 60,
+            "unacked_restore_throttle": 1,
         },
     )
     return app

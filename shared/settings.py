@@ -35,6 +35,16 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(default=0.5, ge=0)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
 
+    # Scheduling: the database decides what runs next; see the README's design section.
+    lease_s: float = Field(default=60.0, gt=0, description="A claim's lease, renewed every third.")
+    max_attempts: int = Field(default=3, ge=1)
+    dispatch_margin: int = Field(default=1, ge=0)
+    dispatch_interval_s: float = Field(default=1.0, gt=0, le=5)
+    redispatch_after_s: float = Field(default=30.0, gt=0)
+    max_queued_per_user: int = Field(default=1000, ge=1)
+    max_running_per_user: int = Field(default=0, ge=0, description="0: no cap.")
+    max_deadline_s: float = Field(default=24 * 3600.0, gt=0)
+
     # Credits: the price of one 1024x1024 image at 25 steps, in credits.
     price_per_image: Decimal = Field(default=Decimal("1"), ge=0)
 

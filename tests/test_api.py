@@ -15,13 +15,14 @@ from shared.db import transaction
 from shared.jobs import claim_job, fail_job
 from shared.ledger import ledger_balance
 from shared.models import Job, LedgerEntry
-from shared.queue import RENDER_QUEUE
+from shared.events import DISPATCH_WAKE_KEY
 from shared.settings import Settings
 from tests.conftest import ApiUser, make_user
 
 
-def queued_messages(settings: Settings) -> int:
-    length: int = redis.Redis.from_url(settings.require_redis_url()).llen(RENDER_QUEUE)
+def dispatcher_wakes(settings: Settings) -> int:
+    """Wake-ups waiting for the dispatcher (the API's only message on submit)."""
+    length: int = redis.Redis.from_url(settings.require_redis_url()).llen(DISPATCH_WAKE_KEY)
     return length
 
 
@@ -37,8 +38,8 @@ def submit(client: FlaskClient, user: ApiUser, **params: Any) -> dict[str, Any]:
     return body
 
 
-def test_async_submit_returns_absolute_urls_and_queues_one_message(
-    client: FlaskClient, alice: ApiUser, settings: Settings
+def test_async_submit_returns_absolute_urls_and_wakes_the_dispatcher(
+    client: FlaskClient, alice: ApiUser, settings: Settings, sessions: sessionmaker[Session]
 ) -> None:
     body = submit(client, alice, width=512, height=512)
     job_id = body["request_id"]
@@ -46,7 +47,11 @@ def test_async_submit_returns_absolute_urls_and_queues_one_message(
     assert body["status_url"] == f"http://localhost/v2/requests/{job_id}/status"
     assert body["response_url"] == f"http://localhost/v2/requests/{job_id}"
     assert body["poll_url"] == body["status_url"]
-    assert queued_messages(settings) == 1
+    assert dispatcher_wakes(settings) == 1
+    with transaction(sessions) as session:
+        job = session.get_one(Job, job_id)
+        # Committed and waiting its turn: only the dispatcher releases it to the workers.
+        assert job.state == "QUEUED" and job.released_at is None
 
 
 def test_public_base_url_is_used_for_links(settings: Settings, alice: ApiUser) -> None:
@@ -96,7 +101,7 @@ def test_bad_input_is_400_naming_the_field_and_leaves_no_trace(
     assert error["errors"][0]["field"] == field and error["errors"][0]["rule"]
     assert response.headers["x-remaining-credits"] == "10"
     assert job_count(sessions) == 0
-    assert queued_messages(settings) == 0
+    assert dispatcher_wakes(settings) == 0
 
 
 def test_non_object_json_body_is_400(client: FlaskClient, alice: ApiUser) -> None:
@@ -145,7 +150,7 @@ def test_not_enough_credits_is_406_with_no_job(
     assert response.get_json()["error"] == "Not enough credits"
     assert response.headers["x-remaining-credits"] == "0.999"
     assert job_count(sessions) == 0
-    assert queued_messages(settings) == 0
+    assert dispatcher_wakes(settings) == 0
 
 
 def test_credits_header_tracks_the_ledger(
@@ -273,26 +278,22 @@ def test_sync_route_times_out_with_504_when_no_worker_runs(
         assert session.get_one(Job, body["request_id"]).state == "QUEUED"
 
 
-def test_unreachable_queue_fails_the_job_and_refunds(
+def test_submission_is_kept_while_redis_is_unreachable(
     settings: Settings, alice: ApiUser, sessions: sessionmaker[Session]
 ) -> None:
     from api.app import create_app
 
     broken = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
     app: Flask = create_app(broken)
-    app.extensions["kolors_farm"].celery.conf.broker_connection_max_retries = 0
-    app.extensions["kolors_farm"].celery.conf.broker_transport_options.update(
-        {"max_retries": 0, "socket_connect_timeout": 0.5}
-    )
     response = app.test_client().post("/v2/kolors", json={"prompt": "x"}, headers=alice.headers)
-    assert response.status_code == 503
-    assert response.headers["Retry-After"]
+    # SQL is the source of truth: the job waits there until the dispatcher can publish it.
+    assert response.status_code == 202
     with transaction(sessions) as session:
         job = session.execute(select(Job)).scalar_one()
-        assert job.state == "FAILED"
-        assert ledger_balance(session, alice.principal.user_id) == 10_000
+        assert job.state == "QUEUED"
+        assert ledger_balance(session, alice.principal.user_id) == 9_000
         kinds = session.scalars(select(LedgerEntry.kind).where(LedgerEntry.job_id == job.id))
-        assert list(kinds) == ["hold", "release"]
+        assert list(kinds) == ["hold"]
 
 
 def test_health_and_readiness(client: FlaskClient) -> None:

@@ -100,6 +100,12 @@ def farm(
             stderr=subprocess.STDOUT,
         ),
         subprocess.Popen(
+            [sys.executable, "-m", "api", "dispatcher"],
+            env=env,
+            stdout=(logs / "dispatcher.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
             [sys.executable, "-m", "api", "api", "--port", str(port)],
             env=env,
             stdout=(logs / "api.log").open("wb"),

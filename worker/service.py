@@ -6,26 +6,48 @@ during one; every write carries the claimed attempt number.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
+from typing import TypeVar
 
 import redis
 import torch
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import transaction
+from shared.dispatch import DEADLINE_ERROR, job_work
 from shared.errors import StaleAttempt
-from shared.events import Progress, announce_job_finished, is_cancel_requested, write_progress
+from shared.events import (
+    Progress,
+    announce_job_finished,
+    is_cancel_requested,
+    record_render_speed,
+    write_progress,
+)
 from shared.imaging import encode_image
-from shared.jobs import RenderSpec, claim_job, fail_job, finish_job, image_storage_key, record_image
-from shared.models import JobState
+from shared.jobs import (
+    RenderSpec,
+    claim_job,
+    fail_job,
+    finish_job,
+    image_storage_key,
+    record_image,
+    renew_lease,
+)
+from shared.models import JobState, utcnow
 from shared.settings import Settings
 from shared.storage import ResultStorage
 from worker.pipeline import KolorsRenderer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -43,11 +65,13 @@ class WorkerContext:
 class _ProgressReporter:
     """Writes step progress to Redis at most every `interval_s`, and checks for a cancel."""
 
-    def __init__(self, context: WorkerContext, spec: RenderSpec) -> None:
+    def __init__(self, context: WorkerContext, spec: RenderSpec, lease: _LeaseKeeper) -> None:
         self._context = context
         self._spec = spec
+        self._lease = lease
         self._last = 0.0
         self.images_done = len(spec.delivered)
+        self.deadline_passed = False
 
     def step(self, step: int, steps: int) -> None:
         now = time.monotonic()
@@ -56,28 +80,97 @@ class _ProgressReporter:
             self.write(step, steps)
 
     def write(self, step: int, steps: int) -> None:
-        write_progress(
-            self._context.redis,
-            self._spec.job_id,
-            Progress(
-                attempt=self._spec.attempt,
-                step=step,
-                steps=steps,
-                images_done=self.images_done,
-                images=self._spec.params.number_of_images,
-                updated_at=time.time(),
-            ),
+        progress = Progress(
+            attempt=self._spec.attempt,
+            step=step,
+            steps=steps,
+            images_done=self.images_done,
+            images=self._spec.params.number_of_images,
+            updated_at=time.time(),
         )
+        try:
+            write_progress(self._context.redis, self._spec.job_id, progress)
+        except redis.RedisError as exc:
+            # Progress is a courtesy; a Redis outage must not fail the render.
+            log.warning("job %s: progress not written (%s)", self._spec.job_id, type(exc).__name__)
 
     def should_stop(self) -> bool:
-        return is_cancel_requested(self._context.redis, self._spec.job_id)
+        """Stop at this step if the user cancelled, the deadline passed or the claim was lost."""
+        if self._lease.lost.is_set():
+            return True
+        deadline = self._spec.deadline_at
+        if deadline is not None and utcnow() >= deadline:
+            self.deadline_passed = True
+            return True
+        try:
+            return is_cancel_requested(self._context.redis, self._spec.job_id)
+        except redis.RedisError:
+            return False
+
+
+class _LeaseKeeper:
+    """Renews the claim's lease every third of its length while the job renders."""
+
+    def __init__(self, context: WorkerContext, spec: RenderSpec) -> None:
+        self._context = context
+        self._spec = spec
+        self._stop = threading.Event()
+        self.lost = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
+
+    def __enter__(self) -> _LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        lease_s = self._context.settings.lease_s
+        while not self._stop.wait(lease_s / 3):
+            try:
+                with transaction(self._context.sessions) as session:
+                    held = renew_lease(
+                        session, self._spec.job_id, self._spec.attempt, timedelta(seconds=lease_s)
+                    )
+            except (OperationalError, InterfaceError) as exc:
+                # The database is away; keep rendering and try again. If it stays away
+                # past the lease, recovery requeues the job and our writes are refused.
+                log.warning("job %s: lease not renewed (%s)", self._spec.job_id, type(exc).__name__)
+                continue
+            if not held:
+                log.warning(
+                    "job %s: attempt %d no longer holds the job; stopping",
+                    self._spec.job_id,
+                    self._spec.attempt,
+                )
+                self.lost.set()
+                return
+
+
+def _with_db_retry(context: WorkerContext, write: Callable[[Session], T]) -> T:
+    """Run a short write transaction, retrying while the database is unreachable.
+
+    Gives up after one lease length: by then recovery may have requeued the job,
+    and the fenced writes would be refused anyway.
+    """
+    give_up_at = time.monotonic() + context.settings.lease_s
+    while True:
+        try:
+            with transaction(context.sessions) as session:
+                return write(session)
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() >= give_up_at:
+                raise
+            log.warning("database unavailable (%s); retrying", type(exc).__name__)
+            time.sleep(1.0)
 
 
 def run_render_job(context: WorkerContext, job_id: str) -> None:
     """Render a job if it can be claimed; a message for a job that is not QUEUED is a no-op."""
-    lease = timedelta(seconds=context.settings.visibility_timeout_s)
-    with transaction(context.sessions) as session:
-        spec = claim_job(session, job_id, context.name, lease)
+    lease = timedelta(seconds=context.settings.lease_s)
+    spec = _with_db_retry(context, lambda session: claim_job(session, job_id, context.name, lease))
     if spec is None:
         log.info("job %s is not claimable (already taken, finished or cancelled); skipping", job_id)
         return
@@ -89,9 +182,15 @@ def run_render_job(context: WorkerContext, job_id: str) -> None:
     )
     state: str = JobState.FAILED.value
     try:
-        _render_pending_images(context, spec)
-        with transaction(context.sessions) as session:
-            state = finish_job(session, job_id, spec.attempt).value
+        with _LeaseKeeper(context, spec) as lease_keeper:
+            reporter = _ProgressReporter(context, spec, lease_keeper)
+            _render_pending_images(context, spec, reporter)
+        if lease_keeper.lost.is_set():
+            raise StaleAttempt(f"job {job_id}: attempt {spec.attempt} lost its lease")
+        reason = DEADLINE_ERROR if reporter.deadline_passed else None
+        state = _with_db_retry(
+            context, lambda session: finish_job(session, job_id, spec.attempt, reason)
+        ).value
     except StaleAttempt:
         # Another attempt owns the job now (a lease expired); it settles, not us.
         log.warning("job %s: attempt %d lost its claim; dropping its work", job_id, spec.attempt)
@@ -109,45 +208,65 @@ def run_render_job(context: WorkerContext, job_id: str) -> None:
         log.exception("job %s: render failed", job_id)
         _fail(context, spec, "The render failed on the worker; the credits were released")
     finally:
-        announce_job_finished(context.redis, job_id, state)
+        _announce(context, job_id, state)
     log.info("job %s attempt %d: %s", job_id, spec.attempt, state)
 
 
+def _announce(context: WorkerContext, job_id: str, state: str) -> None:
+    try:
+        announce_job_finished(context.redis, job_id, state)
+    except redis.RedisError as exc:
+        # Waiters fall back to reading the job row; nothing is lost.
+        log.warning("job %s: end not announced (%s)", job_id, type(exc).__name__)
+
+
 def _fail(context: WorkerContext, spec: RenderSpec, error: str) -> None:
-    with transaction(context.sessions) as session:
-        fail_job(session, spec.job_id, error, attempt=spec.attempt)
+    _with_db_retry(
+        context, lambda session: fail_job(session, spec.job_id, error, attempt=spec.attempt)
+    )
 
 
-def _render_pending_images(context: WorkerContext, spec: RenderSpec) -> None:
+def _record_speed(context: WorkerContext, spec: RenderSpec, images: int, seconds: float) -> None:
+    work = job_work(spec.params.model_dump(), images)
+    with contextlib.suppress(redis.RedisError):  # only the ETA would be less informed
+        record_render_speed(context.redis, context.name, seconds / work)
+
+
+def _render_pending_images(
+    context: WorkerContext, spec: RenderSpec, reporter: _ProgressReporter
+) -> None:
     params = spec.params
-    reporter = _ProgressReporter(context, spec)
     pending = spec.pending_indices()
     batch = context.settings.render_batch_size
     reporter.write(0, params.steps)
     for start in range(0, len(pending), batch):
         indices = pending[start : start + batch]
+        started = time.monotonic()
         images = context.renderer.render(
             params, [spec.image_seed(i) for i in indices], reporter.step, reporter.should_stop
         )
         if images is None:
-            log.info("job %s: cancelled mid-render", spec.job_id)
+            log.info("job %s: stopped mid-render", spec.job_id)
             return
+        _record_speed(context, spec, len(indices), time.monotonic() - started)
         for index, image in zip(indices, images, strict=True):
             data, content_type = encode_image(image, params.output_format, params.output_quality)
             key = image_storage_key(spec.tenant_id, spec.job_id, index, params.output_format)
             # Stored before it is recorded: a recorded image always exists.
             context.storage.put(key, data, content_type)
-            with transaction(context.sessions) as session:
-                record_image(
-                    session,
-                    spec.job_id,
-                    spec.attempt,
-                    index,
+            _with_db_retry(
+                context,
+                partial(
+                    record_image,
+                    job_id=spec.job_id,
+                    attempt=spec.attempt,
+                    index=index,
                     seed=spec.image_seed(index),
                     storage_key=key,
                     content_type=content_type,
                     size_bytes=len(data),
-                )
+                ),
+            )
             reporter.images_done += 1
         if reporter.should_stop():
             return

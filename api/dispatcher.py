@@ -1,0 +1,201 @@
+"""The dispatcher: releases queued jobs to the workers in fair-share order, and recovers.
+
+One dispatcher is active at a time (a Redis lock with a short expiry; any
+number may run, on any hosts, and a standby takes over within seconds). Every
+change it makes is a conditional UPDATE, so even two active at once could not
+release, requeue or settle a job twice. It is woken by each submission and
+also ticks every `dispatch_interval_s`, which bounds how long a fault goes
+unrepaired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import FrameType
+
+import redis
+from celery import Celery
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import LockError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import make_engine, make_session_factory, transaction
+from shared.dispatch import (
+    current_load,
+    enforce_deadlines,
+    recover_expired_leases,
+    release_next_jobs,
+    stale_releases,
+    touch_release,
+    unrelease_job,
+)
+from shared.events import (
+    DISPATCH_LOCK_KEY,
+    announce_job_finished,
+    live_workers,
+    make_redis,
+    request_cancel,
+    wait_for_wake,
+)
+from shared.models import JobState, utcnow
+from shared.queue import RENDER_QUEUE, make_celery, publish_render
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassReport:
+    """What one dispatch pass did, for logs and tests."""
+
+    released: list[str] = field(default_factory=list)
+    republished: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+
+
+class Dispatcher:
+    """Release and recovery passes against one database, Redis and broker."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        client: redis.Redis,
+        celery: Celery,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.redis = client
+        self.celery = celery
+
+    def run_pass(self) -> PassReport:
+        """Recover what faults left behind, then release jobs into free worker slots."""
+        report = PassReport()
+        self._recover(report)
+        self._release(report)
+        return report
+
+    def _recover(self, report: PassReport) -> None:
+        with transaction(self.sessions) as session:
+            deadlines = enforce_deadlines(session)
+            leases = recover_expired_leases(session, self.settings.max_attempts)
+        report.expired = deadlines.cancelled
+        for job_id in deadlines.running:
+            request_cancel(self.redis, job_id)
+        for outcome in leases:
+            (report.requeued if outcome.requeued else report.failed).append(outcome.job_id)
+            log.warning(
+                "job %s: lease of attempt %d expired; %s",
+                outcome.job_id,
+                outcome.attempt,
+                "requeued" if outcome.requeued else "failed, out of attempts",
+            )
+        for job_id in deadlines.cancelled:
+            announce_job_finished(self.redis, job_id, JobState.CANCELLED.value)
+        for job_id in report.failed:
+            announce_job_finished(self.redis, job_id, JobState.FAILED.value)
+        self._republish_lost(report)
+
+    def _republish_lost(self, report: PassReport) -> None:
+        """Publish again the released jobs whose messages the broker no longer holds."""
+        with transaction(self.sessions) as session:
+            load = current_load(session)
+        missing = load.released - self._broker_depth()
+        if missing <= 0:
+            return
+        cutoff = utcnow() - timedelta(seconds=self.settings.redispatch_after_s)
+        with transaction(self.sessions) as session:
+            lost = stale_releases(session, cutoff, missing)
+        for job_id in lost:
+            publish_render(self.celery, job_id)
+            with transaction(self.sessions) as session:
+                touch_release(session, job_id)
+            report.republished.append(job_id)
+            log.warning("job %s: its message was lost; published again", job_id)
+
+    def _broker_depth(self) -> int:
+        """Messages waiting in the render queue (kombu keeps them in a Redis list)."""
+        return int(self.redis.llen(RENDER_QUEUE))
+
+    def _release(self, report: PassReport) -> None:
+        workers = len(live_workers(self.redis))
+        with transaction(self.sessions) as session:
+            load = current_load(session)
+            slots = workers + self.settings.dispatch_margin - load.running - load.released
+            released = release_next_jobs(session, slots, self.settings.max_running_per_user)
+        for job_id in released:
+            try:
+                publish_render(self.celery, job_id)
+            except (BrokerError, OSError) as exc:
+                log.error("job %s: could not publish (%s); back in line", job_id, exc)
+                with transaction(self.sessions) as session:
+                    unrelease_job(session, job_id)
+                continue
+            report.released.append(job_id)
+
+
+def _leader_token() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_dispatcher(settings: Settings, stop: threading.Event | None = None) -> int:
+    """Serve as a dispatcher (active or standby) until SIGTERM/SIGINT or `stop`."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+
+        def _on_signal(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+    engine = make_engine(settings.resolved_database_url)
+    client = make_redis(settings.require_redis_url())
+    dispatcher = Dispatcher(settings, make_session_factory(engine), client, make_celery(settings))
+    lock_ttl = max(5.0, 3 * settings.dispatch_interval_s)
+    lock = client.lock(DISPATCH_LOCK_KEY, timeout=lock_ttl)
+    token = _leader_token()
+    leading = False
+    log.info("dispatcher %s started", token)
+    while not stop.is_set():
+        try:
+            leading = _hold_lock(lock, token, leading)
+            if leading:
+                report = dispatcher.run_pass()
+                if report.released:
+                    log.info("released %d job(s)", len(report.released))
+            # Woken by a submission, or tick: recovery must run even when nothing is submitted.
+            wait_for_wake(client, settings.dispatch_interval_s)
+        except (OperationalError, InterfaceError, redis.RedisError, BrokerError, OSError) as exc:
+            log.warning("dispatch pass failed (%s); retrying", type(exc).__name__)
+            stop.wait(settings.dispatch_interval_s)
+    if leading:
+        with contextlib.suppress(LockError, redis.RedisError):
+            lock.release()
+    engine.dispose()
+    log.info("dispatcher %s stopped", token)
+    return 0
+
+
+def _hold_lock(lock: redis.lock.Lock, token: str, leading: bool) -> bool:
+    """Keep or take the leader lock; True while this process leads."""
+    if leading:
+        try:
+            lock.reacquire()
+            return True
+        except LockError:
+            log.warning("dispatcher %s lost the leader lock", token)
+            return False
+    if lock.acquire(blocking=False, token=token):
+        log.info("dispatcher %s is now the active dispatcher", token)
+        return True
+    return False
