@@ -59,7 +59,7 @@ class PassReport:
     released: list[str] = field(default_factory=list)
     republished: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # ended FAILED or CANCELLED
     expired: list[str] = field(default_factory=list)
 
 
@@ -93,17 +93,19 @@ class Dispatcher:
         for job_id in deadlines.running:
             request_cancel(self.redis, job_id)
         for outcome in leases:
-            (report.requeued if outcome.requeued else report.failed).append(outcome.job_id)
+            if outcome.state == JobState.QUEUED:
+                report.requeued.append(outcome.job_id)
+            else:
+                report.failed.append(outcome.job_id)
+                announce_job_finished(self.redis, outcome.job_id, outcome.state.value)
             log.warning(
-                "job %s: lease of attempt %d expired; %s",
+                "job %s: lease of attempt %d expired; now %s",
                 outcome.job_id,
                 outcome.attempt,
-                "requeued" if outcome.requeued else "failed, out of attempts",
+                outcome.state.value,
             )
         for job_id in deadlines.cancelled:
             announce_job_finished(self.redis, job_id, JobState.CANCELLED.value)
-        for job_id in report.failed:
-            announce_job_finished(self.redis, job_id, JobState.FAILED.value)
         self._republish_lost(report)
 
     def _republish_lost(self, report: PassReport) -> None:

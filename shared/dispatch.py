@@ -168,39 +168,57 @@ def touch_release(session: Session, job_id: str) -> None:
 
 @dataclass(frozen=True)
 class LeaseOutcome:
-    """What recovery did with a job whose lease expired."""
+    """What recovery did with a job whose lease expired: QUEUED, FAILED or CANCELLED."""
 
     job_id: str
-    requeued: bool
     attempt: int
+    state: JobState
+
+    @property
+    def requeued(self) -> bool:
+        """Whether the job went back in line for another attempt."""
+        return self.state == JobState.QUEUED
 
 
 def recover_expired_leases(session: Session, max_attempts: int) -> list[LeaseOutcome]:
-    """Requeue RUNNING jobs whose lease expired, or fail those out of attempts."""
+    """Settle RUNNING jobs whose lease expired: requeue, fail when out of attempts, or
+    end as CANCELLED when a cancel (or deadline) was asked for before the worker died."""
     now = utcnow()
     expired = session.execute(
-        select(Job.id, Job.attempt).where(
+        select(Job.id, Job.attempt, Job.user_id, Job.cancel_requested).where(
             Job.state == JobState.RUNNING.value, Job.lease_expires_at < now
         )
     ).all()
     outcomes: list[LeaseOutcome] = []
     for row in expired:
+        still_expired = (
+            Job.id == row.id,
+            Job.attempt == row.attempt,
+            Job.state == JobState.RUNNING.value,
+            Job.lease_expires_at < now,
+        )
+        if row.cancel_requested:
+            ended = session.execute(
+                update(Job)
+                .where(*still_expired)
+                .values(state=JobState.CANCELLED.value, finished_at=now, lease_expires_at=None)
+                .returning(Job.id)
+            ).scalar_one_or_none()
+            if ended is not None:
+                release_hold(session, row.user_id, row.id)
+                outcomes.append(LeaseOutcome(row.id, row.attempt, JobState.CANCELLED))
+            continue
         if row.attempt >= max_attempts:
             error = (
                 f"The render was lost {row.attempt} times (its worker stopped); "
                 "the credits for undelivered images were released"
             )
             if fail_job(session, row.id, error, attempt=row.attempt):
-                outcomes.append(LeaseOutcome(row.id, requeued=False, attempt=row.attempt))
+                outcomes.append(LeaseOutcome(row.id, row.attempt, JobState.FAILED))
             continue
         requeued = session.execute(
             update(Job)
-            .where(
-                Job.id == row.id,
-                Job.attempt == row.attempt,
-                Job.state == JobState.RUNNING.value,
-                Job.lease_expires_at < now,
-            )
+            .where(*still_expired, Job.cancel_requested.is_(False))
             .values(
                 state=JobState.QUEUED.value,
                 worker=None,
@@ -210,7 +228,7 @@ def recover_expired_leases(session: Session, max_attempts: int) -> list[LeaseOut
             .returning(Job.id)
         ).scalar_one_or_none()
         if requeued is not None:
-            outcomes.append(LeaseOutcome(row.id, requeued=True, attempt=row.attempt))
+            outcomes.append(LeaseOutcome(row.id, row.attempt, JobState.QUEUED))
     return outcomes
 
 

@@ -30,8 +30,9 @@ def make_celery(settings: Settings) -> Celery:
             # A message unacked this long is redelivered; it must outlast the longest render.
             # (The SQL lease, not this, is what recovers a dead worker's job quickly.)
             "visibility_timeout": settings.visibility_timeout_s,
-            # Scan for such messages every 60 s rather than every tenth 10 s sweep.
-            "unacked_restore_interval": 60,
+            # Scan for such messages every quarter of that (at most every 60 s), on
+            # every sweep rather than every tenth, so the delay is predictable.
+            "unacked_restore_interval": max(1, min(60, settings.visibility_timeout_s // 4)),
             "unacked_restore_throttle": 1,
         },
     )

@@ -41,9 +41,9 @@ class RedisServer:
     port: int
 
 
-def start_redis(data_dir: Path) -> RedisServer:
-    """Start a private, non-persistent redis-server on a free port."""
-    port = free_port()
+def start_redis(data_dir: Path, port: int | None = None) -> RedisServer:
+    """Start a private, non-persistent redis-server (on a free port unless given)."""
+    port = port or free_port()
     argv = redis_argv(redis_server_binary(), port, data_dir)
     argv[argv.index("--appendonly") + 1] = "no"
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -104,6 +104,15 @@ def postgres_database() -> Iterator[str]:
 TABLES = ("ledger_entries", "job_images", "jobs", "api_keys", "users", "tenants")
 
 
+def empty_database(url: str) -> str:
+    """Delete every row of a migrated database (faster than migrating a new one)."""
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    engine.dispose()
+    return url
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A migrated, empty database: a new SQLite file, or the session's PostgreSQL emptied."""
@@ -111,12 +120,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         sqlite_url = f"sqlite:///{tmp_path / 'farm.db'}"
         migrate_database(sqlite_url)
         return sqlite_url
-    url: str = request.getfixturevalue("postgres_database")
-    engine = make_engine(url)
-    with engine.begin() as connection:
-        connection.exec_driver_sql(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
-    engine.dispose()
-    return url
+    return empty_database(request.getfixturevalue("postgres_database"))
 
 
 @pytest.fixture

@@ -1,0 +1,383 @@
+"""Fault injection on real processes: workers killed, Redis wiped or paused, PostgreSQL stopped.
+
+Every test runs real subprocesses (Celery workers on the tiny checkpoint, the
+dispatcher, the API under gunicorn) against a real Redis it owns and a real
+PostgreSQL, injects one fault, waits (bounded) for the farm to recover, and then
+audits the job table and the ledger: each job terminal, each image delivered
+once, each charge made once, every balance equal to its ledger.
+"""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import make_engine, make_session_factory, transaction
+from shared.ledger import get_balance, held_for_job, ledger_balance
+from shared.migrate import migrate_database
+from shared.models import TERMINAL_STATES, Job, JobImage, LedgerEntry, LedgerKind, User
+from tests.conftest import RedisServer, empty_database, start_redis
+from tests.processes import FarmProcesses, farm_env, init_postgres_cluster, wait_for
+
+pytestmark = pytest.mark.faults
+
+FAST_RECOVERY = {
+    "lease_s": "3",  # renewed every second; a dead worker's job is requeued after 3 s
+    "redispatch_after_s": "2",
+    "dispatch_interval_s": "0.5",
+    "max_attempts": "3",
+    "progress_interval_s": "0.2",
+}
+QUICK = {"prompt": "a fox", "width": 512, "height": 512, "steps": 1}  # 0.01 credits
+SLOW = {"prompt": "a fox", "width": 768, "height": 768, "steps": 30}  # about 2 s per image
+
+
+@pytest.fixture
+def pg_url(postgres_database: str) -> str:
+    return empty_database(postgres_database)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path / "redis")
+    yield server
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGCONT)
+        server.process.terminate()
+        server.process.wait(timeout=10)
+
+
+class Farm:
+    """A farm under test: its processes, its database, and audit helpers."""
+
+    def __init__(self, processes: FarmProcesses, database_url: str) -> None:
+        self.processes = processes
+        self.engine = make_engine(database_url)
+        self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
+
+    def submit(self, key: str, headers: dict[str, str] | None = None, **params: Any) -> str:
+        response = httpx.post(
+            f"{self.processes.api_url}/v2/kolors",
+            json=params,
+            headers={"x-api-key": key, **(headers or {})},
+            timeout=30,
+        )
+        assert response.status_code == 202, response.text
+        job_id: str = response.json()["request_id"]
+        return job_id
+
+    def job(self, job_id: str) -> Job:
+        with transaction(self.sessions) as session:
+            return session.get_one(Job, job_id)
+
+    def wait_terminal(self, job_ids: list[str], timeout_s: float) -> None:
+        def all_done() -> bool:
+            with transaction(self.sessions) as session:
+                live = session.scalar(
+                    select(func.count())
+                    .select_from(Job)
+                    .where(Job.id.in_(job_ids), Job.state.not_in([s.value for s in TERMINAL_STATES]))
+                )
+            return live == 0
+
+        wait_for(all_done, timeout_s, f"{len(job_ids)} job(s) to end", interval_s=0.3)
+
+    def wait_running(self, job_id: str, attempt: int = 1, timeout_s: float = 60) -> None:
+        def running() -> bool:
+            job = self.job(job_id)
+            assert job.state not in TERMINAL_STATES, f"job ended early: {job.state} {job.error}"
+            return job.state == "RUNNING" and job.attempt == attempt
+
+        wait_for(running, timeout_s, f"job {job_id} attempt {attempt} to run")
+
+    def audit(self) -> None:
+        """Every job terminal and settled once; every balance equals its ledger."""
+        with transaction(self.sessions) as session:
+            for job in session.scalars(select(Job)):
+                assert job.state in TERMINAL_STATES, (job.id, job.state)
+                assert held_for_job(session, job.id) == 0, job.id
+                kinds = list(
+                    session.scalars(select(LedgerEntry.kind).where(LedgerEntry.job_id == job.id))
+                )
+                assert kinds.count(LedgerKind.HOLD.value) == 1, (job.id, kinds)
+                assert kinds.count(LedgerKind.CAPTURE.value) == job.images_done, (job.id, kinds)
+                assert kinds.count(LedgerKind.RELEASE.value) <= 1, (job.id, kinds)
+                indices = list(
+                    session.scalars(select(JobImage.index).where(JobImage.job_id == job.id))
+                )
+                assert sorted(indices) == sorted(set(indices)) and len(indices) == job.images_done
+            for user_id in session.scalars(select(User.id)):
+                assert get_balance(session, user_id) == ledger_balance(session, user_id)
+
+    def close(self) -> None:
+        self.processes.stop_all()
+        self.engine.dispose()
+
+
+def make_farm(
+    tmp_path: Path,
+    database_url: str,
+    redis_url: str,
+    model_dir: Path,
+    *,
+    workers: int = 1,
+    api: bool = True,
+    **settings: str,
+) -> Farm:
+    logs = tmp_path / "logs"
+    logs.mkdir(exist_ok=True)
+    env = farm_env(
+        tmp_path / "data", database_url, redis_url, model_dir, **(FAST_RECOVERY | settings)
+    )
+    processes = FarmProcesses(env=env, logs=logs)
+    farm = Farm(processes, database_url)
+    names = {f"w{i}" for i in range(workers)}
+    for name in sorted(names):
+        processes.start_worker(name)
+    processes.start_dispatcher()
+    if api:
+        processes.start_api()
+    if names:
+        processes.wait_for_workers(names)
+    return farm
+
+
+@pytest.fixture
+def farms() -> Iterator[list[Farm]]:
+    """Farms a test starts; each is stopped at the end, and its logs shown on failure."""
+    started: list[Farm] = []
+    yield started
+    for farm in started:
+        farm.close()
+
+
+def test_killed_worker_mid_render_completes_exactly_once_on_another(
+    tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+) -> None:
+    farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir)
+    farms.append(farm)
+    key = farm.processes.create_user("ann", "20")
+    job_id = farm.submit(key, **SLOW, number_of_images=3)
+    farm.wait_running(job_id)
+    wait_for(lambda: farm.job(job_id).images_done >= 1, 60, "the first image")
+    farm.processes.kill("w0")  # kill -9 mid-render: no cleanup, its message stays unacked
+    farm.processes.start_worker("w1")
+    farm.wait_terminal([job_id], 120)
+    job = farm.job(job_id)
+    assert (job.state, job.attempt, job.images_done) == ("COMPLETED", 2, 3)
+    assert job.worker == "w1"
+    with transaction(farm.sessions) as session:
+        images = session.scalars(select(JobImage).where(JobImage.job_id == job_id)).all()
+        # The image the dead worker delivered is kept; the new attempt rendered the rest.
+        assert {image.attempt for image in images} == {1, 2}
+        captures = session.scalar(
+            select(func.count()).where(LedgerEntry.job_id == job_id, LedgerEntry.kind == "capture")
+        )
+        assert captures == 3
+    farm.audit()
+
+
+def test_render_longer_than_the_visibility_timeout_runs_once(
+    tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+) -> None:
+    # The broker redelivers the unacked message to the idle second worker after 2 s;
+    # the SQL claim refuses it, so the job renders once and is charged once.
+    farm = make_farm(
+        tmp_path, pg_url, own_redis.url, tiny_model_dir, workers=2, visibility_timeout_s="2"
+    )
+    farms.append(farm)
+    key = farm.processes.create_user("ann", "20")
+    job_id = farm.submit(key, **SLOW, number_of_images=4)
+    farm.wait_terminal([job_id], 180)
+    job = farm.job(job_id)
+    assert (job.state, job.attempt, job.images_done) == ("COMPLETED", 1, 4)
+    logs = farm.processes.log("w0") + farm.processes.log("w1")
+    assert f"job {job_id} is not claimable" in logs, "the message was never redelivered"
+    farm.audit()
+
+
+def test_redis_restarted_empty_with_jobs_queued_loses_none(
+    tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+) -> None:
+    # Margin 25: all 20 jobs sit in the broker when Redis dies without persistence.
+    farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir, dispatch_margin="25")
+    farms.append(farm)
+    key = farm.processes.create_user("ann", "20")
+    job_ids = [farm.submit(key, **(QUICK | {"steps": 8})) for _ in range(20)]
+    client = redis.Redis.from_url(own_redis.url)
+    wait_for(lambda: int(client.llen("render")) >= 15, 30, "the jobs to reach the broker")
+    own_redis.process.kill()
+    own_redis.process.wait()
+    restarted = start_redis(tmp_path / "redis2", port=own_redis.port)
+    own_redis.process = restarted.process
+    assert client.llen("render") == 0  # every queued message is gone
+    farm.wait_terminal(job_ids, 180)
+    with transaction(farm.sessions) as session:
+        states = session.scalars(select(Job.state).where(Job.id.in_(job_ids))).all()
+    assert states == ["COMPLETED"] * 20
+    farm.audit()
+    assert "published again" in farm.processes.log("dispatcher")
+
+
+def test_paused_redis_then_resumed_workers_consume_again(
+    tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+) -> None:
+    farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir)
+    farms.append(farm)
+    key = farm.processes.create_user("ann", "20")
+    during = farm.submit(key, **SLOW, number_of_images=2)
+    farm.wait_running(during)
+    own_redis.process.send_signal(signal.SIGSTOP)
+    time.sleep(12)  # past the clients' 10 s socket timeout
+    own_redis.process.send_signal(signal.SIGCONT)
+    after = [farm.submit(key, **QUICK) for _ in range(3)]
+    farm.wait_terminal([during, *after], 180)
+    with transaction(farm.sessions) as session:
+        states = session.scalars(select(Job.state).where(Job.id.in_([during, *after]))).all()
+    assert set(states) == {"COMPLETED"}
+    farm.audit()
+
+
+def test_postgres_stopped_during_a_render(
+    tmp_path: Path, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+) -> None:
+    try:
+        cluster = init_postgres_cluster(Path(tempfile.mkdtemp(prefix="kolors-farm-pg-")))
+    except (FileNotFoundError, OSError) as exc:
+        pytest.skip(f"cannot run a PostgreSQL server of our own here: {exc}")
+    try:
+        migrate_database(cluster.url)
+        farm = make_farm(tmp_path, cluster.url, own_redis.url, tiny_model_dir)
+        farms.append(farm)
+        key = farm.processes.create_user("ann", "20")
+        job_id = farm.submit(key, **SLOW, number_of_images=3)
+        farm.wait_running(job_id)
+        cluster.stop()
+        api = farm.processes.api_url
+        status = httpx.get(f"{api}/v2/requests/{job_id}/status", headers={"x-api-key": key})
+        assert status.status_code == 503 and "error" in status.json()
+        assert status.headers["Retry-After"]
+        ready = httpx.get(f"{api}/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["database"] != "ok"
+        time.sleep(5)
+        cluster.start()
+        farm.wait_terminal([job_id], 180)
+        job = farm.job(job_id)
+        assert (job.state, job.images_done) == ("COMPLETED", 3)
+        assert httpx.get(f"{api}/readyz").status_code == 200
+        farm.audit()
+    finally:
+        cluster.stop()
+
+
+def test_poison_job_fails_after_max_attempts_and_the_queue_drains(
+    tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+) -> None:
+    farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir, max_attempts="2")
+    farms.append(farm)
+    key = farm.processes.create_user("ann", "20")
+    poison = farm.submit(key, **SLOW)
+    for attempt in (1, 2):
+        # The job kills every worker that takes it.
+        farm.wait_running(poison, attempt=attempt, timeout_s=90)
+        farm.processes.kill(f"w{attempt - 1}")
+        farm.processes.start_worker(f"w{attempt}")
+    farm.wait_terminal([poison], 60)
+    job = farm.job(poison)
+    assert (job.state, job.attempt) == ("FAILED", 2)
+    assert "lost 2 times" in (job.error or "")
+    body = httpx.get(
+        f"{farm.processes.api_url}/v2/requests/{poison}/status", headers={"x-api-key": key}
+    )
+    assert body.status_code == 422 and body.json()["status"] == "FAILED"
+    healthy = farm.submit(key, **QUICK)
+    farm.wait_terminal([healthy], 90)
+    assert farm.job(healthy).state == "COMPLETED"
+    farm.audit()
+    with transaction(farm.sessions) as session:
+        releases = session.scalar(
+            select(func.count()).where(LedgerEntry.job_id == poison, LedgerEntry.kind == "release")
+        )
+    assert releases == 1
+
+
+def test_a_thousand_concurrent_submissions_never_overdraw(
+    tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+) -> None:
+    farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir, workers=1)
+    farms.append(farm)
+    key = farm.processes.create_user("ann", "4")  # 400 quick jobs at 0.01 credits each
+    url = f"{farm.processes.api_url}/v2/kolors"
+
+    def client_run(client_index: int) -> list[int]:
+        codes = []
+        with httpx.Client(timeout=60) as http:
+            for _ in range(20):
+                response = http.post(url, json=QUICK, headers={"x-api-key": key})
+                codes.append(response.status_code)
+        return codes
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        codes = [code for chunk in pool.map(client_run, range(50)) for code in chunk]
+    assert len(codes) == 1000
+    assert codes.count(202) == 400
+    assert codes.count(406) == 600
+    with transaction(farm.sessions) as session:
+        job_ids = list(session.scalars(select(Job.id)))
+    assert len(job_ids) == 400
+    farm.wait_terminal(job_ids, 300)
+    farm.audit()
+    with transaction(farm.sessions) as session:
+        assert session.scalar(select(User.balance)) == 0
+        completed = session.scalar(
+            select(func.count()).select_from(Job).where(Job.state == "COMPLETED")
+        )
+    assert completed == 400
+
+
+def test_a_single_job_is_not_starved_by_another_users_backlog(
+    tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+) -> None:
+    farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir, dispatch_margin="1")
+    farms.append(farm)
+    heavy = farm.processes.create_user("heavy", "50")
+    light = farm.processes.create_user("light", "5")
+    backlog = [farm.submit(heavy, **(QUICK | {"steps": 4})) for _ in range(200)]
+    single = farm.submit(light, **(QUICK | {"steps": 4}))
+    status = httpx.get(
+        f"{farm.processes.api_url}/v2/requests/{single}/status", headers={"x-api-key": light}
+    ).json()
+    farm.wait_terminal([single], 120)
+    job = farm.job(single)
+    assert job.state == "COMPLETED" and job.started_at is not None
+    with transaction(farm.sessions) as session:
+        overtaking = session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(
+                Job.id.in_(backlog),
+                Job.started_at > job.created_at,
+                Job.started_at < job.started_at,
+            )
+        )
+    # One busy worker plus a margin of one: at most two backlog jobs start before it.
+    assert overtaking is not None and overtaking <= 2, overtaking
+    if status["status"] == "QUEUED":
+        assert status["queue_position"] <= 2
+    for job_id in backlog:  # end the backlog quickly: cancel what has not run
+        httpx.delete(
+            f"{farm.processes.api_url}/v2/requests/{job_id}", headers={"x-api-key": heavy}
+        )
+    farm.wait_terminal(backlog, 120)
+    farm.audit()

@@ -1,0 +1,528 @@
+"""A Hypothesis state machine over the job lifecycle and the credit ledger.
+
+Random interleavings of submit, claim, deliver, finish, fail, cancel, lease
+expiry, stale redelivery and deadlines run against the real domain functions on
+a real database (a fresh, migrated SQLite file per run; the session's
+PostgreSQL, emptied per run). After every step the books are checked: no
+negative balance, cached balances equal the ledger, each job holds exactly what
+its undelivered images cost, settled jobs hold nothing and were settled once,
+and money is conserved.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    MultipleResults,
+    RuleBasedStateMachine,
+    invariant,
+    multiple,
+    rule,
+    run_state_machine_as_test,
+)
+from sqlalchemy import Table, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.accounts import Principal, create_user
+from shared.db import make_engine, make_session_factory, transaction
+from shared.dispatch import (
+    DEADLINE_ERROR,
+    LeaseOutcome,
+    enforce_deadlines,
+    recover_expired_leases,
+)
+from shared.errors import JobNotFound, NotEnoughCredits, StaleAttempt
+from shared.jobs import (
+    RenderSpec,
+    cancel_job,
+    claim_job,
+    fail_job,
+    finish_job,
+    record_image,
+    submit_job,
+)
+from shared.ledger import get_balance, held_for_job, ledger_balance
+from shared.migrate import migrate_database
+from shared.models import (
+    LIVE_STATES,
+    Base,
+    Job,
+    JobImage,
+    JobState,
+    LedgerEntry,
+    LedgerKind,
+    User,
+    utcnow,
+)
+from shared.params import KolorsParams
+from shared.pricing import price_per_image
+from tests.conftest import TABLES
+
+REFERENCE_PRICE = Decimal("1")
+LEASE = timedelta(minutes=5)
+MAX_ATTEMPTS = 3
+# (name, tenant, millicredits): small balances, so NotEnoughCredits is a common outcome.
+# alice and bob share a tenant (each may cancel the other's jobs); carol sees neither.
+USERS: tuple[tuple[str, str, int], ...] = (
+    ("alice", "acme", 2_000),
+    ("bob", "acme", 1_000),
+    ("carol", "other", 600),
+)
+WORKERS = ("worker-a", "worker-b")
+SNAPSHOT_TABLES = ("users", "jobs", "job_images", "ledger_entries")
+
+STATE_MACHINE_SETTINGS = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+FreshDatabase = tuple[str, Callable[[], None]]
+Snapshot = dict[str, list[tuple[Any, ...]]]
+
+
+@dataclass(frozen=True)
+class JobView:
+    """The columns of a job row the model reasons about, read in one transaction."""
+
+    job_id: str
+    tenant_id: int
+    user_id: int
+    state: JobState
+    attempt: int
+    cancel_requested: bool
+    number_of_images: int
+    images_done: int
+    price_per_image: int
+    lease_expires_at: datetime | None
+    deadline_at: datetime | None
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
+
+    def held_by(self, attempt: int) -> bool:
+        """Whether a worker that claimed `attempt` still holds the job."""
+        return self.state == JobState.RUNNING and self.attempt == attempt
+
+
+def job_view(session: Session, job_id: str) -> JobView:
+    job = session.get_one(Job, job_id)
+    return JobView(
+        job_id=job.id,
+        tenant_id=job.tenant_id,
+        user_id=job.user_id,
+        state=JobState(job.state),
+        attempt=job.attempt,
+        cancel_requested=job.cancel_requested,
+        number_of_images=job.number_of_images,
+        images_done=job.images_done,
+        price_per_image=job.price_per_image,
+        lease_expires_at=job.lease_expires_at,
+        deadline_at=job.deadline_at,
+    )
+
+
+def all_job_views(session: Session) -> list[JobView]:
+    job_ids = session.execute(select(Job.id).order_by(Job.id)).scalars().all()
+    return [job_view(session, job_id) for job_id in job_ids]
+
+
+def delivered_indices(session: Session, job_id: str) -> frozenset[int]:
+    return frozenset(
+        session.execute(select(JobImage.index).where(JobImage.job_id == job_id)).scalars()
+    )
+
+
+def snapshot(session: Session) -> Snapshot:
+    """Every row of the tables a refused or stale call must leave untouched."""
+    result: Snapshot = {}
+    for name in SNAPSHOT_TABLES:
+        table: Table = Base.metadata.tables[name]
+        rows = session.execute(select(table).order_by(*table.primary_key.columns))
+        result[name] = [tuple(row) for row in rows]
+    return result
+
+
+def fresh_sqlite() -> FreshDatabase:
+    """A new, migrated SQLite file in its own temporary directory."""
+    directory = Path(tempfile.mkdtemp(prefix="kolors-farm-sm-"))
+    url = f"sqlite:///{directory / 'farm.db'}"
+    migrate_database(url)
+    return url, lambda: shutil.rmtree(directory, ignore_errors=True)
+
+
+def emptied_postgres(url: str) -> FreshDatabase:
+    """The session's migrated PostgreSQL database, emptied as conftest's database_url does."""
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    engine.dispose()
+    return url, lambda: None
+
+
+class JobLedgerMachine(RuleBasedStateMachine):
+    """Jobs of a few users with small balances, driven through every lifecycle transition."""
+
+    jobs = Bundle[str]("jobs")
+    claims = Bundle[RenderSpec]("claims")
+
+    def fresh_database(self) -> FreshDatabase:
+        """A migrated, empty database for one run, and how to clean it up."""
+        return fresh_sqlite()
+
+    def __init__(self) -> None:
+        super().__init__()
+        url, self._cleanup = self.fresh_database()
+        self.engine = make_engine(url)
+        self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
+        self.principals: list[Principal] = []
+        with transaction(self.sessions) as session:
+            for name, tenant, millicredits in USERS:
+                user, _key = create_user(session, name, tenant, millicredits)
+                self.principals.append(
+                    Principal(user_id=user.id, tenant_id=user.tenant_id, user_name=user.name)
+                )
+        self.granted = sum(millicredits for _name, _tenant, millicredits in USERS)
+
+    def teardown(self) -> None:
+        self.engine.dispose()
+        self._cleanup()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def read_job(self, job_id: str) -> JobView:
+        with transaction(self.sessions) as session:
+            return job_view(session, job_id)
+
+    def read_snapshot(self) -> Snapshot:
+        with transaction(self.sessions) as session:
+            return snapshot(session)
+
+    def assert_unchanged(self, before: Snapshot, what: str) -> None:
+        after = self.read_snapshot()
+        for name in SNAPSHOT_TABLES:
+            assert after[name] == before[name], f"{what} changed table {name}"
+
+    def record(self, session: Session, spec: RenderSpec, index: int) -> None:
+        record_image(
+            session,
+            spec.job_id,
+            spec.attempt,
+            index,
+            seed=spec.image_seed(index),
+            storage_key=f"{spec.tenant_id}/{spec.job_id}/{index}.webp",
+            content_type="image/webp",
+            size_bytes=100 + index,
+        )
+
+    # -- rules ------------------------------------------------------------------------------
+
+    @rule(
+        target=jobs,
+        user=st.integers(0, len(USERS) - 1),
+        steps=st.integers(1, 50),
+        images=st.integers(1, 4),
+    )
+    def submit(self, user: int, steps: int, images: int) -> str | MultipleResults[str]:
+        principal = self.principals[user]
+        params = KolorsParams(
+            prompt="x", width=512, height=512, steps=steps, number_of_images=images
+        )
+        cost = price_per_image(512, 512, steps, REFERENCE_PRICE) * images
+        with transaction(self.sessions) as session:
+            balance = get_balance(session, principal.user_id)
+            before = snapshot(session)
+        try:
+            with transaction(self.sessions) as session:
+                job_id = submit_job(session, principal, params, REFERENCE_PRICE).id
+        except NotEnoughCredits:
+            assert balance < cost, f"refused a {cost} hold on a balance of {balance}"
+            self.assert_unchanged(before, "a refused submission")
+            refused: MultipleResults[str] = multiple()
+            return refused
+        assert balance >= cost
+        view = self.read_job(job_id)
+        assert view.state == JobState.QUEUED
+        assert (view.attempt, view.images_done) == (0, 0)
+        with transaction(self.sessions) as session:
+            assert get_balance(session, principal.user_id) == balance - cost
+        return job_id
+
+    @rule(target=claims, job_id=jobs, worker=st.sampled_from(WORKERS))
+    def claim(self, job_id: str, worker: str) -> RenderSpec | MultipleResults[RenderSpec]:
+        with transaction(self.sessions) as session:
+            before = job_view(session, job_id)
+            delivered = delivered_indices(session, job_id)
+            rows = snapshot(session)
+        claimable = before.state == JobState.QUEUED and not before.cancel_requested
+        with transaction(self.sessions) as session:
+            spec = claim_job(session, job_id, worker, LEASE)
+        if spec is None:
+            assert not claimable, f"a claimable job was refused: {before}"
+            self.assert_unchanged(rows, "a refused claim")
+            refused: MultipleResults[RenderSpec] = multiple()
+            return refused
+        assert claimable, f"a job that is not claimable was claimed: {before}"
+        assert spec.attempt == before.attempt + 1
+        assert spec.delivered == delivered
+        after = self.read_job(job_id)
+        assert after.state == JobState.RUNNING
+        assert after.attempt == spec.attempt
+        assert after.lease_expires_at is not None
+        return spec
+
+    @rule(spec=claims, data=st.data())
+    def deliver(self, spec: RenderSpec, data: st.DataObject) -> None:
+        with transaction(self.sessions) as session:
+            view = job_view(session, spec.job_id)
+            delivered = delivered_indices(session, spec.job_id)
+            before = snapshot(session)
+        pending = [i for i in range(view.number_of_images) if i not in delivered]
+        if view.held_by(spec.attempt) and not pending:
+            return  # a worker never delivers more images than the job asked for
+        index = data.draw(st.sampled_from(pending or sorted(delivered)), label="index")
+        try:
+            with transaction(self.sessions) as session:
+                self.record(session, spec, index)
+        except StaleAttempt:
+            assert not view.held_by(spec.attempt), f"the holder of {view} was refused"
+            self.assert_unchanged(before, "a stale delivery")
+            return
+        assert view.held_by(spec.attempt), f"attempt {spec.attempt} delivered to {view}"
+        after = self.read_job(spec.job_id)
+        assert after.images_done == view.images_done + 1
+
+    @rule(spec=claims, deadline_passed=st.booleans())
+    def finish(self, spec: RenderSpec, deadline_passed: bool) -> None:
+        reason = DEADLINE_ERROR if deadline_passed else None
+        with transaction(self.sessions) as session:
+            view = job_view(session, spec.job_id)
+            before = snapshot(session)
+        try:
+            with transaction(self.sessions) as session:
+                state = finish_job(session, spec.job_id, spec.attempt, reason)
+        except StaleAttempt:
+            assert not view.held_by(spec.attempt), f"the holder of {view} was refused"
+            self.assert_unchanged(before, "a stale finish")
+            return
+        assert view.held_by(spec.attempt), f"attempt {spec.attempt} finished {view}"
+        stopped = view.cancel_requested or reason is not None
+        assert state == (JobState.CANCELLED if stopped else JobState.COMPLETED)
+        assert self.read_job(spec.job_id).state == state
+
+    @rule(spec=claims)
+    def fail(self, spec: RenderSpec) -> None:
+        # The worker's error path: fail_job fenced with the attempt it claimed.
+        with transaction(self.sessions) as session:
+            view = job_view(session, spec.job_id)
+            before = snapshot(session)
+        with transaction(self.sessions) as session:
+            failed = fail_job(session, spec.job_id, "The render failed", attempt=spec.attempt)
+        if not view.held_by(spec.attempt):
+            assert not failed, (
+                f"a worker whose attempt {spec.attempt} no longer holds the job failed it: "
+                f"{view}"
+            )
+            self.assert_unchanged(before, "a stale fail")
+            return
+        assert failed
+        assert self.read_job(spec.job_id).state == JobState.FAILED
+
+    @rule(job_id=jobs, user=st.integers(0, len(USERS) - 1))
+    def cancel(self, job_id: str, user: int) -> None:
+        principal = self.principals[user]
+        with transaction(self.sessions) as session:
+            view = job_view(session, job_id)
+            before = snapshot(session)
+        if principal.tenant_id != view.tenant_id:
+            with pytest.raises(JobNotFound), transaction(self.sessions) as session:
+                cancel_job(session, principal, job_id)
+            self.assert_unchanged(before, "a cancel from another tenant")
+            return
+        with transaction(self.sessions) as session:
+            cancel_job(session, principal, job_id)
+        after = self.read_job(job_id)
+        if view.state == JobState.QUEUED:
+            assert after.state == JobState.CANCELLED
+        elif view.state == JobState.RUNNING:
+            assert after.state == JobState.RUNNING
+            assert after.cancel_requested
+        else:
+            assert after == view
+
+    @rule(job_id=jobs)
+    def expire(self, job_id: str) -> None:
+        with transaction(self.sessions) as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+                .values(lease_expires_at=utcnow() - timedelta(hours=1))
+            )
+            view = job_view(session, job_id)
+        with transaction(self.sessions) as session:
+            outcomes = recover_expired_leases(session, max_attempts=MAX_ATTEMPTS)
+        after = self.read_job(job_id)
+        if view.state != JobState.RUNNING:
+            assert outcomes == []
+            assert after == view
+            return
+        requeued = view.attempt < MAX_ATTEMPTS
+        assert outcomes == [LeaseOutcome(job_id, requeued=requeued, attempt=view.attempt)]
+        assert after.state == (JobState.QUEUED if requeued else JobState.FAILED)
+        assert after.lease_expires_at is None
+        assert after.attempt == view.attempt
+
+    @rule(spec=claims, data=st.data())
+    def redeliver(self, spec: RenderSpec, data: st.DataObject) -> None:
+        # A stale worker (or a redelivered message) replays an old attempt's writes.
+        with transaction(self.sessions) as session:
+            view = job_view(session, spec.job_id)
+            before = snapshot(session)
+        if view.held_by(spec.attempt):
+            return  # this attempt is current, not stale
+        index = data.draw(st.integers(0, view.number_of_images - 1), label="index")
+        # The session commits after each refusal: the refused call itself must write nothing.
+        with transaction(self.sessions) as session, pytest.raises(StaleAttempt):
+            self.record(session, spec, index)
+        with transaction(self.sessions) as session, pytest.raises(StaleAttempt):
+            finish_job(session, spec.job_id, spec.attempt)
+        self.assert_unchanged(before, "a stale redelivery")
+
+    @rule(job_id=jobs)
+    def deadline(self, job_id: str) -> None:
+        with transaction(self.sessions) as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(deadline_at=utcnow() - timedelta(minutes=1))
+            )
+            views = all_job_views(session)
+        with transaction(self.sessions) as session:
+            outcome = enforce_deadlines(session)
+        now = utcnow()
+        past = [v for v in views if v.deadline_at is not None and v.deadline_at < now]
+        assert sorted(outcome.cancelled) == sorted(
+            v.job_id for v in past if v.state == JobState.QUEUED
+        )
+        assert sorted(outcome.running) == sorted(
+            v.job_id for v in past if v.state == JobState.RUNNING and not v.cancel_requested
+        )
+        with transaction(self.sessions) as session:
+            for view in past:
+                after = job_view(session, view.job_id)
+                if view.state == JobState.QUEUED:
+                    assert after.state == JobState.CANCELLED
+                elif view.state == JobState.RUNNING:
+                    assert after.state == JobState.RUNNING
+                    assert after.cancel_requested
+
+    # -- invariants -------------------------------------------------------------------------
+
+    @invariant()
+    def balances_match_the_ledger(self) -> None:
+        with transaction(self.sessions) as session:
+            for principal in self.principals:
+                balance = get_balance(session, principal.user_id)
+                assert balance >= 0, f"{principal.user_name} has a negative balance {balance}"
+                assert balance == ledger_balance(session, principal.user_id), (
+                    f"{principal.user_name}'s cached balance differs from the ledger"
+                )
+
+    @invariant()
+    def money_is_conserved(self) -> None:
+        with transaction(self.sessions) as session:
+            granted = session.execute(
+                select(func.coalesce(func.sum(LedgerEntry.available_delta), 0)).where(
+                    LedgerEntry.kind == LedgerKind.GRANT.value
+                )
+            ).scalar_one()
+            balances = session.execute(select(func.coalesce(func.sum(User.balance), 0)))
+            held = session.execute(select(func.coalesce(func.sum(LedgerEntry.held_delta), 0)))
+            captured = session.execute(
+                select(func.coalesce(-func.sum(LedgerEntry.held_delta), 0)).where(
+                    LedgerEntry.kind == LedgerKind.CAPTURE.value
+                )
+            )
+            total = int(balances.scalar_one()) + int(held.scalar_one())
+            total += int(captured.scalar_one())
+        assert int(granted) == self.granted
+        assert total == self.granted, f"granted {self.granted}, accounted for {total}"
+
+    @invariant()
+    def jobs_hold_what_they_still_owe(self) -> None:
+        with transaction(self.sessions) as session:
+            views = all_job_views(session)
+            images = Counter(
+                {
+                    job_id: count
+                    for job_id, count in session.execute(
+                        select(JobImage.job_id, func.count()).group_by(JobImage.job_id)
+                    )
+                }
+            )
+            entries = Counter(
+                {
+                    (job_id, kind): count
+                    for job_id, kind, count in session.execute(
+                        select(LedgerEntry.job_id, LedgerEntry.kind, func.count())
+                        .where(LedgerEntry.job_id.is_not(None))
+                        .group_by(LedgerEntry.job_id, LedgerEntry.kind)
+                    )
+                }
+            )
+            held = {view.job_id: held_for_job(session, view.job_id) for view in views}
+        for view in views:
+            assert view.images_done == images[view.job_id], f"image rows differ: {view}"
+            assert entries[(view.job_id, LedgerKind.HOLD.value)] == 1, f"holds: {view}"
+            captures = entries[(view.job_id, LedgerKind.CAPTURE.value)]
+            releases = entries[(view.job_id, LedgerKind.RELEASE.value)]
+            assert captures == view.images_done, f"{captures} captures for {view}"
+            if view.live:
+                owed = view.price_per_image * (view.number_of_images - view.images_done)
+                assert held[view.job_id] == owed, f"holds {held[view.job_id]}, owes {owed}: {view}"
+                assert releases == 0, f"a live job was released: {view}"
+            else:
+                assert held[view.job_id] == 0, f"a settled job still holds: {view}"
+                assert releases <= 1, f"{releases} releases for {view}"
+            if view.state != JobState.RUNNING:
+                assert view.lease_expires_at is None, f"a lease outlived its claim: {view}"
+
+    @invariant()
+    def no_job_is_stranded(self) -> None:
+        # A QUEUED job with cancel_requested can never be claimed (claim_job) nor released
+        # (the dispatcher skips it), so it would hold its credits and a live-job slot forever.
+        with transaction(self.sessions) as session:
+            stranded = session.execute(
+                select(Job.id).where(
+                    Job.state == JobState.QUEUED.value, Job.cancel_requested.is_(True)
+                )
+            ).all()
+        assert not stranded, f"queued jobs no worker may ever claim: {stranded}"
+
+
+class PostgresJobLedgerMachine(JobLedgerMachine):
+    """The same machine on PostgreSQL; the URL is set by the test from the session fixture."""
+
+    url = ""
+
+    def fresh_database(self) -> FreshDatabase:
+        return emptied_postgres(self.url)
+
+
+def test_job_lifecycle_and_ledger_on_sqlite() -> None:
+    run_state_machine_as_test(JobLedgerMachine, settings=STATE_MACHINE_SETTINGS)
+
+
+def test_job_lifecycle_and_ledger_on_postgresql(postgres_database: str) -> None:
+    PostgresJobLedgerMachine.url = postgres_database
+    run_state_machine_as_test(PostgresJobLedgerMachine, settings=STATE_MACHINE_SETTINGS)
