@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_queued_per_user: int = Field(default=1000, ge=1)
     max_running_per_user: int = Field(default=0, ge=0, description="0: no cap.")
     max_deadline_s: float = Field(default=24 * 3600.0, gt=0)
+    db_retry_s: float = Field(
+        default=120.0, ge=0, description="How long a worker retries a write while the DB is down."
+    )
 
     # Credits: the price of one 1024x1024 image at 25 steps, in credits.
     price_per_image: Decimal = Field(default=Decimal("1"), ge=0)

@@ -152,10 +152,10 @@ class _LeaseKeeper:
 def _with_db_retry(context: WorkerContext, write: Callable[[Session], T]) -> T:
     """Run a short write transaction, retrying while the database is unreachable.
 
-    Gives up after one lease length: by then recovery may have requeued the job,
-    and the fenced writes would be refused anyway.
+    Retrying is safe: every write is fenced by the attempt, so a write that lands
+    after recovery requeued the job is refused, not applied twice.
     """
-    give_up_at = time.monotonic() + context.settings.lease_s
+    give_up_at = time.monotonic() + context.settings.db_retry_s
     while True:
         try:
             with transaction(context.sessions) as session:
@@ -195,6 +195,11 @@ def run_render_job(context: WorkerContext, job_id: str) -> None:
         # Another attempt owns the job now (a lease expired); it settles, not us.
         log.warning("job %s: attempt %d lost its claim; dropping its work", job_id, spec.attempt)
         return
+    except (OperationalError, InterfaceError):
+        # Not the render's fault: leave the job RUNNING; its lease expires and recovery
+        # requeues it once the database is back.
+        log.exception("job %s: database unreachable; leaving the job to recovery", job_id)
+        return
     except torch.OutOfMemoryError:
         log.error("job %s: out of device memory", job_id)
         _fail(
@@ -207,8 +212,8 @@ def run_render_job(context: WorkerContext, job_id: str) -> None:
     except Exception:
         log.exception("job %s: render failed", job_id)
         _fail(context, spec, "The render failed on the worker; the credits were released")
-    finally:
-        _announce(context, job_id, state)
+    # Only a settled job is announced: a waiter woken early would report a false failure.
+    _announce(context, job_id, state)
     log.info("job %s attempt %d: %s", job_id, spec.attempt, state)
 
 
