@@ -315,7 +315,7 @@ def test_poison_job_fails_after_max_attempts_and_the_queue_drains(
 def test_a_thousand_concurrent_submissions_never_overdraw(
     tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
 ) -> None:
-    farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir, workers=1)
+    farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir, workers=2)
     farms.append(farm)
     key = farm.processes.create_user("ann", "4")  # 400 quick jobs at 0.01 credits each
     url = f"{farm.processes.api_url}/v2/kolors"
@@ -353,7 +353,8 @@ def test_a_single_job_is_not_starved_by_another_users_backlog(
     farms.append(farm)
     heavy = farm.processes.create_user("heavy", "50")
     light = farm.processes.create_user("light", "5")
-    backlog = [farm.submit(heavy, **(QUICK | {"steps": 4})) for _ in range(200)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        backlog = list(pool.map(lambda _: farm.submit(heavy, **(QUICK | {"steps": 4})), range(200)))
     single = farm.submit(light, **(QUICK | {"steps": 4}))
     status = httpx.get(
         f"{farm.processes.api_url}/v2/requests/{single}/status", headers={"x-api-key": light}
@@ -375,9 +376,15 @@ def test_a_single_job_is_not_starved_by_another_users_backlog(
     assert overtaking is not None and overtaking <= 2, overtaking
     if status["status"] == "QUEUED":
         assert status["queue_position"] <= 2
-    for job_id in backlog:  # end the backlog quickly: cancel what has not run
-        httpx.delete(
-            f"{farm.processes.api_url}/v2/requests/{job_id}", headers={"x-api-key": heavy}
+    with ThreadPoolExecutor(max_workers=8) as pool:  # end the backlog: cancel what has not run
+        cancels = pool.map(
+            lambda job_id: httpx.delete(
+                f"{farm.processes.api_url}/v2/requests/{job_id}",
+                headers={"x-api-key": heavy},
+                timeout=30,
+            ).status_code,
+            backlog,
         )
+        assert set(cancels) == {200}
     farm.wait_terminal(backlog, 120)
     farm.audit()

@@ -29,6 +29,7 @@ from shared.events import (
     announce_job_finished,
     is_cancel_requested,
     record_render_speed,
+    wake_dispatcher,
     write_progress,
 )
 from shared.imaging import encode_image
@@ -213,13 +214,15 @@ def run_render_job(context: WorkerContext, job_id: str) -> None:
         log.exception("job %s: render failed", job_id)
         _fail(context, spec, "The render failed on the worker; the credits were released")
     # Only a settled job is announced: a waiter woken early would report a false failure.
-    _announce(context, job_id, state)
+    _announce_settled(context, job_id, state)
     log.info("job %s attempt %d: %s", job_id, spec.attempt, state)
 
 
-def _announce(context: WorkerContext, job_id: str, state: str) -> None:
+def _announce_settled(context: WorkerContext, job_id: str, state: str) -> None:
+    """Wake the job's waiters, and the dispatcher: this worker has a free slot now."""
     try:
         announce_job_finished(context.redis, job_id, state)
+        wake_dispatcher(context.redis)
     except redis.RedisError as exc:
         # Waiters fall back to reading the job row; nothing is lost.
         log.warning("job %s: end not announced (%s)", job_id, type(exc).__name__)
