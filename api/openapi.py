@@ -21,6 +21,7 @@ def _responses(ok: dict[str, Any], *codes: int) -> dict[str, Any]:
         406: "Not enough credits",
         413: "Request body too large",
         422: "The request FAILED (or was cancelled)",
+        429: "Too many live requests for this user (see Retry-After)",
         503: "A backing service is unavailable",
         504: "The render did not finish within the synchronous wait",
     }
@@ -46,6 +47,13 @@ def build_openapi() -> dict[str, Any]:
         },
     }
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    deadline = {
+        "name": "X-Deadline-Seconds",
+        "in": "header",
+        "required": False,
+        "description": "Cancel the job if it has not finished this many seconds after submission",
+        "schema": {"type": "number", "exclusiveMinimum": 0},
+    }
     status_body = {
         "description": "The job's status",
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}},
@@ -102,8 +110,23 @@ def build_openapi() -> dict[str, Any]:
                         "status": {"enum": ["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]},
                         "error": {"type": "string"},
                         "cancelled": {"type": "boolean"},
-                        "queue_position": {"type": "integer"},
-                        "progress": {"type": "object"},
+                        "queue_position": {
+                            "type": "integer",
+                            "description": "Jobs the dispatcher will start before this one",
+                        },
+                        "eta_seconds": {
+                            "type": ["number", "null"],
+                            "description": "Estimated seconds until done, from measured speed",
+                        },
+                        "progress": {
+                            "type": "object",
+                            "properties": {
+                                "step": {"type": "integer"},
+                                "steps": {"type": "integer"},
+                                "images_done": {"type": "integer"},
+                                "images": {"type": "integer"},
+                            },
+                        },
                     },
                 },
                 "Result": {
@@ -124,6 +147,7 @@ def build_openapi() -> dict[str, Any]:
             "/v1/kolors": {
                 "post": {
                     "summary": "Render and wait; answers the first image (JSON with base64=true)",
+                    "parameters": [deadline],
                     "requestBody": body,
                     "responses": _responses(
                         {
@@ -135,6 +159,7 @@ def build_openapi() -> dict[str, Any]:
                         406,
                         413,
                         422,
+                        429,
                         503,
                         504,
                     ),
@@ -143,6 +168,7 @@ def build_openapi() -> dict[str, Any]:
             "/v2/kolors": {
                 "post": {
                     "summary": "Queue a render",
+                    "parameters": [deadline],
                     "requestBody": body,
                     "responses": _responses(
                         {
@@ -159,6 +185,7 @@ def build_openapi() -> dict[str, Any]:
                         401,
                         406,
                         413,
+                        429,
                         503,
                     ),
                 }

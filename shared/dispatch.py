@@ -181,8 +181,11 @@ class LeaseOutcome:
 
 
 def recover_expired_leases(session: Session, max_attempts: int) -> list[LeaseOutcome]:
-    """Settle RUNNING jobs whose lease expired: requeue, fail when out of attempts, or
-    end as CANCELLED when a cancel (or deadline) was asked for before the worker died."""
+    """Settle RUNNING jobs whose lease expired: requeue, fail or cancel them.
+
+    A job is failed once it has used `max_attempts`, and ends CANCELLED when a cancel
+    (or its deadline) arrived before its worker died.
+    """
     now = utcnow()
     expired = session.execute(
         select(Job.id, Job.attempt, Job.user_id, Job.cancel_requested).where(

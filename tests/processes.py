@@ -99,7 +99,8 @@ class FarmProcesses:
         def ready() -> bool:
             for name in names:
                 proc = self.procs[name]
-                assert proc.poll() is None, f"{name} exited with {proc.returncode}: {self.log(name)}"
+                exited = proc.poll()
+                assert exited is None, f"{name} exited with {exited}: {self.log(name)}"
             return names <= set(live_workers(client))
 
         wait_for(ready, timeout_s, f"workers {sorted(names)}", interval_s=0.2)

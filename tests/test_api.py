@@ -12,10 +12,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import transaction
+from shared.events import (
+    DISPATCH_LOCK_KEY,
+    DISPATCH_WAKE_KEY,
+    record_heartbeat,
+    record_render_speed,
+)
 from shared.jobs import claim_job, fail_job
 from shared.ledger import ledger_balance
 from shared.models import Job, LedgerEntry
-from shared.events import DISPATCH_WAKE_KEY
 from shared.settings import Settings
 from tests.conftest import ApiUser, make_user
 
@@ -326,3 +331,91 @@ def test_openapi_document_uses_the_one_schema(client: FlaskClient) -> None:
         "/v2/requests/{job_id}/status",
         "/v1/get-user-credits",
     } <= set(document["paths"])
+
+
+def position(client: FlaskClient, user: ApiUser, job_id: str) -> int:
+    body = client.get(f"/v2/requests/{job_id}/status", headers=user.headers).get_json()
+    result: int = body["queue_position"]
+    return result
+
+
+def test_queue_position_follows_the_fair_share_order(
+    client: FlaskClient, alice: ApiUser, sessions: sessionmaker[Session]
+) -> None:
+    bob = make_user(sessions, "bob", 10_000)
+    alices = [submit(client, alice)["request_id"] for _ in range(4)]
+    bobs = submit(client, bob)["request_id"]
+    # Bob's one job goes second, not fifth: tenants alternate.
+    assert [position(client, alice, job) for job in alices] == [0, 2, 3, 4]
+    assert position(client, bob, bobs) == 1
+
+
+def test_eta_comes_from_measured_worker_speed(
+    client: FlaskClient, alice: ApiUser, settings: Settings
+) -> None:
+    first = submit(client, alice)["request_id"]  # 1024x1024, 25 steps: 25 work units
+    second = submit(client, alice)["request_id"]
+    body = client.get(f"/v2/requests/{second}/status", headers=alice.headers).get_json()
+    assert body["eta_seconds"] is None  # no worker has measured its speed yet
+    client_redis = redis.Redis.from_url(settings.require_redis_url())
+    record_heartbeat(client_redis, "w1", {}, ttl_s=60)
+    record_render_speed(client_redis, "w1", 0.1)  # 0.1 s per work unit
+    body = client.get(f"/v2/requests/{second}/status", headers=alice.headers).get_json()
+    assert body["eta_seconds"] == 5.0  # the first job's 2.5 s, then its own 2.5 s
+    body = client.get(f"/v2/requests/{first}/status", headers=alice.headers).get_json()
+    assert body["eta_seconds"] == 2.5
+
+
+def test_too_many_live_jobs_is_429_and_leaves_nothing(
+    settings: Settings, alice: ApiUser, sessions: sessionmaker[Session]
+) -> None:
+    from api.app import create_app
+
+    client = create_app(settings.model_copy(update={"max_queued_per_user": 2})).test_client()
+    submit(client, alice)
+    submit(client, alice)
+    response = client.post("/v2/kolors", json={"prompt": "x"}, headers=alice.headers)
+    assert response.status_code == 429
+    assert int(response.headers["Retry-After"]) > 0
+    assert "2 requests queued or running" in response.get_json()["error"]
+    assert response.headers["x-remaining-credits"] == "8"
+    assert job_count(sessions) == 2
+    with transaction(sessions) as session:
+        assert ledger_balance(session, alice.principal.user_id) == 8_000
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "nan", "inf", "86401"])
+def test_bad_deadline_header_is_400(
+    client: FlaskClient, alice: ApiUser, sessions: sessionmaker[Session], value: str
+) -> None:
+    response = client.post(
+        "/v2/kolors",
+        json={"prompt": "x"},
+        headers=alice.headers | {"X-Deadline-Seconds": value},
+    )
+    assert response.status_code == 400
+    assert response.get_json()["errors"][0]["field"] == "X-Deadline-Seconds"
+    assert job_count(sessions) == 0
+
+
+def test_deadline_header_sets_the_jobs_deadline(
+    client: FlaskClient, alice: ApiUser, sessions: sessionmaker[Session]
+) -> None:
+    job_id = submit_with_headers(client, alice, {"X-Deadline-Seconds": "90"})
+    with transaction(sessions) as session:
+        job = session.get_one(Job, job_id)
+        assert job.deadline_at is not None
+        assert abs((job.deadline_at - job.created_at).total_seconds() - 90) < 1
+
+
+def submit_with_headers(client: FlaskClient, user: ApiUser, headers: dict[str, str]) -> str:
+    response = client.post("/v2/kolors", json={"prompt": "x"}, headers=user.headers | headers)
+    assert response.status_code == 202, response.get_json()
+    job_id: str = response.get_json()["request_id"]
+    return job_id
+
+
+def test_readiness_names_the_active_dispatcher(client: FlaskClient, settings: Settings) -> None:
+    assert client.get("/readyz").get_json()["dispatcher"] is None
+    redis.Redis.from_url(settings.require_redis_url()).set(DISPATCH_LOCK_KEY, "host:42")
+    assert client.get("/readyz").get_json()["dispatcher"] == "host:42"

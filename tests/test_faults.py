@@ -66,7 +66,9 @@ class Farm:
         self.engine = make_engine(database_url)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
 
-    def submit(self, key: str, headers: dict[str, str] | None = None, **params: Any) -> str:
+    def submit(
+        self, key: str, params: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> str:
         response = httpx.post(
             f"{self.processes.api_url}/v2/kolors",
             json=params,
@@ -84,10 +86,11 @@ class Farm:
     def wait_terminal(self, job_ids: list[str], timeout_s: float) -> None:
         def all_done() -> bool:
             with transaction(self.sessions) as session:
+                terminal = [state.value for state in TERMINAL_STATES]
                 live = session.scalar(
                     select(func.count())
                     .select_from(Job)
-                    .where(Job.id.in_(job_ids), Job.state.not_in([s.value for s in TERMINAL_STATES]))
+                    .where(Job.id.in_(job_ids), Job.state.not_in(terminal))
                 )
             return live == 0
 
@@ -168,7 +171,7 @@ def test_killed_worker_mid_render_completes_exactly_once_on_another(
     farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir)
     farms.append(farm)
     key = farm.processes.create_user("ann", "20")
-    job_id = farm.submit(key, **SLOW, number_of_images=3)
+    job_id = farm.submit(key, SLOW | {"number_of_images": 3})
     farm.wait_running(job_id)
     wait_for(lambda: farm.job(job_id).images_done >= 1, 60, "the first image")
     farm.processes.kill("w0")  # kill -9 mid-render: no cleanup, its message stays unacked
@@ -198,7 +201,7 @@ def test_render_longer_than_the_visibility_timeout_runs_once(
     )
     farms.append(farm)
     key = farm.processes.create_user("ann", "20")
-    job_id = farm.submit(key, **SLOW, number_of_images=4)
+    job_id = farm.submit(key, SLOW | {"number_of_images": 4})
     farm.wait_terminal([job_id], 180)
     job = farm.job(job_id)
     assert (job.state, job.attempt, job.images_done) == ("COMPLETED", 1, 4)
@@ -214,7 +217,7 @@ def test_redis_restarted_empty_with_jobs_queued_loses_none(
     farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir, dispatch_margin="25")
     farms.append(farm)
     key = farm.processes.create_user("ann", "20")
-    job_ids = [farm.submit(key, **(QUICK | {"steps": 8})) for _ in range(20)]
+    job_ids = [farm.submit(key, QUICK | {"steps": 8}) for _ in range(20)]
     client = redis.Redis.from_url(own_redis.url)
     wait_for(lambda: int(client.llen("render")) >= 15, 30, "the jobs to reach the broker")
     own_redis.process.kill()
@@ -236,12 +239,12 @@ def test_paused_redis_then_resumed_workers_consume_again(
     farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir)
     farms.append(farm)
     key = farm.processes.create_user("ann", "20")
-    during = farm.submit(key, **SLOW, number_of_images=2)
+    during = farm.submit(key, SLOW | {"number_of_images": 2})
     farm.wait_running(during)
     own_redis.process.send_signal(signal.SIGSTOP)
     time.sleep(12)  # past the clients' 10 s socket timeout
     own_redis.process.send_signal(signal.SIGCONT)
-    after = [farm.submit(key, **QUICK) for _ in range(3)]
+    after = [farm.submit(key, QUICK) for _ in range(3)]
     farm.wait_terminal([during, *after], 180)
     with transaction(farm.sessions) as session:
         states = session.scalars(select(Job.state).where(Job.id.in_([during, *after]))).all()
@@ -261,7 +264,7 @@ def test_postgres_stopped_during_a_render(
         farm = make_farm(tmp_path, cluster.url, own_redis.url, tiny_model_dir)
         farms.append(farm)
         key = farm.processes.create_user("ann", "20")
-        job_id = farm.submit(key, **SLOW, number_of_images=3)
+        job_id = farm.submit(key, SLOW | {"number_of_images": 3})
         farm.wait_running(job_id)
         cluster.stop()
         api = farm.processes.api_url
@@ -287,7 +290,7 @@ def test_poison_job_fails_after_max_attempts_and_the_queue_drains(
     farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir, max_attempts="2")
     farms.append(farm)
     key = farm.processes.create_user("ann", "20")
-    poison = farm.submit(key, **SLOW)
+    poison = farm.submit(key, SLOW)
     for attempt in (1, 2):
         # The job kills every worker that takes it.
         farm.wait_running(poison, attempt=attempt, timeout_s=90)
@@ -301,7 +304,7 @@ def test_poison_job_fails_after_max_attempts_and_the_queue_drains(
         f"{farm.processes.api_url}/v2/requests/{poison}/status", headers={"x-api-key": key}
     )
     assert body.status_code == 422 and body.json()["status"] == "FAILED"
-    healthy = farm.submit(key, **QUICK)
+    healthy = farm.submit(key, QUICK)
     farm.wait_terminal([healthy], 90)
     assert farm.job(healthy).state == "COMPLETED"
     farm.audit()
@@ -354,8 +357,8 @@ def test_a_single_job_is_not_starved_by_another_users_backlog(
     heavy = farm.processes.create_user("heavy", "50")
     light = farm.processes.create_user("light", "5")
     with ThreadPoolExecutor(max_workers=8) as pool:
-        backlog = list(pool.map(lambda _: farm.submit(heavy, **(QUICK | {"steps": 4})), range(200)))
-    single = farm.submit(light, **(QUICK | {"steps": 4}))
+        backlog = list(pool.map(lambda _: farm.submit(heavy, QUICK | {"steps": 4}), range(200)))
+    single = farm.submit(light, QUICK | {"steps": 4})
     status = httpx.get(
         f"{farm.processes.api_url}/v2/requests/{single}/status", headers={"x-api-key": light}
     ).json()
@@ -378,11 +381,13 @@ def test_a_single_job_is_not_starved_by_another_users_backlog(
         assert status["queue_position"] <= 2
     with ThreadPoolExecutor(max_workers=8) as pool:  # end the backlog: cancel what has not run
         cancels = pool.map(
-            lambda job_id: httpx.delete(
-                f"{farm.processes.api_url}/v2/requests/{job_id}",
-                headers={"x-api-key": heavy},
-                timeout=30,
-            ).status_code,
+            lambda job_id: (
+                httpx.delete(
+                    f"{farm.processes.api_url}/v2/requests/{job_id}",
+                    headers={"x-api-key": heavy},
+                    timeout=30,
+                ).status_code
+            ),
             backlog,
         )
         assert set(cancels) == {200}

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import transaction
+from shared.dispatch import DEADLINE_ERROR
 from shared.events import make_redis, read_progress, request_cancel
 from shared.jobs import submit_job
 from shared.ledger import get_balance, ledger_balance
-from shared.models import Job, JobImage
+from shared.models import Job, JobImage, LedgerEntry
 from shared.params import KolorsParams
 from shared.settings import Settings
 from shared.storage import LocalStorage
@@ -191,3 +195,67 @@ def test_a_message_for_a_finished_job_does_nothing(context: WorkerContext, alice
         again = session.get_one(Job, job.id)
         assert again.attempt == 1 and again.images_done == 1
         assert get_balance(session, alice.principal.user_id) == 10_000 - 40
+
+
+def test_a_passed_deadline_stops_the_render_and_refunds(
+    context: WorkerContext, alice: ApiUser
+) -> None:
+    with transaction(context.sessions) as session:
+        job = submit_job(
+            session,
+            alice.principal,
+            KolorsParams(prompt="x", width=512, height=512, steps=4, number_of_images=2),
+            Decimal(1),
+            deadline=timedelta(milliseconds=1),
+        )
+    time.sleep(0.01)
+    run_render_job(context, job.id)
+    with transaction(context.sessions) as session:
+        done = session.get_one(Job, job.id)
+        assert (done.state, done.error, done.images_done) == ("CANCELLED", DEADLINE_ERROR, 0)
+        assert get_balance(session, alice.principal.user_id) == 10_000
+        assert ledger_balance(session, alice.principal.user_id) == 10_000
+
+
+def test_a_worker_that_loses_its_lease_stops_and_writes_nothing_more(
+    context: WorkerContext, alice: ApiUser
+) -> None:
+    # Renewals every 0.1 s; a second attempt takes the job while the first renders.
+    context.settings = context.settings.model_copy(update={"lease_s": 0.3})
+    with transaction(context.sessions) as session:
+        job = submit_job(
+            session,
+            alice.principal,
+            KolorsParams(prompt="x", width=512, height=512, steps=8, number_of_images=6),
+            Decimal(1),
+        )
+
+    def take_over_once_running() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with transaction(context.sessions) as session:
+                taken = session.execute(
+                    update(Job)
+                    .where(Job.id == job.id, Job.state == "RUNNING", Job.images_done >= 1)
+                    .values(attempt=Job.attempt + 1, worker="another")
+                    .returning(Job.id)
+                ).first()
+            if taken:
+                return
+            time.sleep(0.01)
+
+    thief = threading.Thread(target=take_over_once_running)
+    thief.start()
+    run_render_job(context, job.id)
+    thief.join()
+    with transaction(context.sessions) as session:
+        after = session.get_one(Job, job.id)
+        # Still RUNNING under attempt 2: attempt 1 neither finished nor failed it.
+        assert (after.state, after.attempt, after.worker) == ("RUNNING", 2, "another")
+        delivered = list(session.scalars(select(JobImage.attempt).where(JobImage.job_id == job.id)))
+        assert set(delivered) == {1} and 1 <= len(delivered) < 6
+        assert after.images_done == len(delivered)
+        captures = session.scalar(
+            select(func.count()).where(LedgerEntry.job_id == job.id, LedgerEntry.kind == "capture")
+        )
+        assert captures == len(delivered)
