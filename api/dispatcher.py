@@ -175,8 +175,12 @@ def run_dispatcher(settings: Settings, stop: threading.Event | None = None) -> i
                 report = dispatcher.run_pass()
                 if report.released:
                     log.info("released %d job(s)", len(report.released))
-            # Woken by a submission, or tick: recovery must run even when nothing is submitted.
-            wait_for_wake(client, settings.dispatch_interval_s)
+                # Woken by a submission or a finished job, or tick: recovery must run
+                # even when nothing happens.
+                wait_for_wake(client, settings.dispatch_interval_s)
+            else:
+                # A standby must not swallow the wake-ups the active dispatcher waits for.
+                stop.wait(settings.dispatch_interval_s)
         except (OperationalError, InterfaceError, redis.RedisError, BrokerError, OSError) as exc:
             log.warning("dispatch pass failed (%s); retrying", type(exc).__name__)
             stop.wait(settings.dispatch_interval_s)

@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import make_engine, make_session_factory, transaction
+from shared.events import DISPATCH_LOCK_KEY
 from shared.ledger import get_balance, held_for_job, ledger_balance
 from shared.migrate import migrate_database
 from shared.models import TERMINAL_STATES, Job, JobImage, LedgerEntry, LedgerKind, User
@@ -392,4 +393,29 @@ def test_a_single_job_is_not_starved_by_another_users_backlog(
         )
         assert set(cancels) == {200}
     farm.wait_terminal(backlog, 120)
+    farm.audit()
+
+
+def test_a_standby_dispatcher_takes_over_when_the_active_one_dies(
+    tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+) -> None:
+    farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir)
+    farms.append(farm)
+    farm.processes.start_dispatcher("standby")
+    client = redis.Redis.from_url(own_redis.url)
+
+    def leader_pid() -> int | None:
+        token = client.get(DISPATCH_LOCK_KEY)
+        return int(token.decode().rsplit(":", 1)[1]) if token else None
+
+    first = wait_for(leader_pid, 30, "an active dispatcher")
+    by_pid = {proc.pid: name for name, proc in farm.processes.procs.items()}
+    assert by_pid[first] in {"dispatcher", "standby"}
+    farm.processes.kill(by_pid[first])
+    key = farm.processes.create_user("ann", "20")
+    job_id = farm.submit(key, QUICK)
+    farm.wait_terminal([job_id], 60)
+    assert farm.job(job_id).state == "COMPLETED"
+    second = leader_pid()
+    assert second is not None and second != first and by_pid[second] in {"dispatcher", "standby"}
     farm.audit()
