@@ -406,7 +406,7 @@ def test_a_standby_dispatcher_takes_over_when_the_active_one_dies(
 
     def leader_pid() -> int | None:
         token = client.get(DISPATCH_LOCK_KEY)
-        return int(token.decode().rsplit(":", 1)[1]) if token else None
+        return int(token.decode().rsplit(":", 1)[1]) if isinstance(token, bytes) else None
 
     first = wait_for(leader_pid, 30, "an active dispatcher")
     by_pid = {proc.pid: name for name, proc in farm.processes.procs.items()}
