@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import FrameType
@@ -45,9 +46,11 @@ from shared.events import (
     request_cancel,
     wait_for_wake,
 )
+from shared.jobs import expired_results, mark_results_deleted
 from shared.models import JobState, utcnow
 from shared.queue import RENDER_QUEUE, make_celery, publish_render
 from shared.settings import Settings
+from shared.storage import ResultStorage, make_storage
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ class PassReport:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # ended FAILED or CANCELLED
     expired: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
 
 
 class Dispatcher:
@@ -72,18 +76,38 @@ class Dispatcher:
         sessions: sessionmaker[Session],
         client: redis.Redis,
         celery: Celery,
+        storage: ResultStorage,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.redis = client
         self.celery = celery
+        self.storage = storage
+        self._next_cleanup = 0.0
 
     def run_pass(self) -> PassReport:
         """Recover what faults left behind, then release jobs into free worker slots."""
         report = PassReport()
         self._recover(report)
         self._release(report)
+        if time.monotonic() >= self._next_cleanup:
+            self._next_cleanup = time.monotonic() + self.settings.cleanup_interval_s
+            report.deleted = self.delete_expired_results()
         return report
+
+    def delete_expired_results(self, batch: int = 200) -> list[str]:
+        """Delete the stored images of jobs past retention, then mark them deleted."""
+        with transaction(self.sessions) as session:
+            expired = expired_results(session, batch)
+        for job_id, keys in expired.items():
+            for key in keys:
+                self.storage.delete(key)
+            # Marked only once every object is gone; a crash in between retries the deletes.
+            with transaction(self.sessions) as session:
+                mark_results_deleted(session, job_id)
+        if expired:
+            log.info("deleted the expired results of %d job(s)", len(expired))
+        return list(expired)
 
     def _recover(self, report: PassReport) -> None:
         with transaction(self.sessions) as session:
@@ -162,7 +186,13 @@ def run_dispatcher(settings: Settings, stop: threading.Event | None = None) -> i
         signal.signal(signal.SIGINT, _on_signal)
     engine = make_engine(settings.resolved_database_url)
     client = make_redis(settings.require_redis_url())
-    dispatcher = Dispatcher(settings, make_session_factory(engine), client, make_celery(settings))
+    dispatcher = Dispatcher(
+        settings,
+        make_session_factory(engine),
+        client,
+        make_celery(settings),
+        make_storage(settings.resolved_storage_url),
+    )
     lock_ttl = max(5.0, 3 * settings.dispatch_interval_s)
     lock = client.lock(DISPATCH_LOCK_KEY, timeout=lock_ttl)
     token = _leader_token()

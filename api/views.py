@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import redis
@@ -26,9 +26,17 @@ from shared.events import (
     wait_for_job,
     wake_dispatcher,
 )
-from shared.jobs import cancel_job, get_job, job_state, public_status, submit_job
+from shared.jobs import (
+    cancel_job,
+    ensure_results_retained,
+    get_job,
+    job_state,
+    public_status,
+    submit_job,
+)
 from shared.ledger import get_balance
-from shared.models import TERMINAL_STATES, Job, JobState
+from shared.links import ImageLink, InvalidLink, sign_image_link, signing_key, verify_image_link
+from shared.models import TERMINAL_STATES, Job, JobImage, JobState, utcnow
 from shared.params import KolorsParams, parse_params
 from shared.pricing import format_credits
 
@@ -49,29 +57,46 @@ def _request_fields() -> dict[str, Any]:
 
 
 DEADLINE_HEADER = "X-Deadline-Seconds"
+RETENTION_HEADER = "X-Retention-Seconds"
 
 
-def _deadline() -> timedelta | None:
-    """The optional per-request deadline header, in seconds from now."""
-    raw = request.headers.get(DEADLINE_HEADER)
+def _seconds_header(name: str, low: float, high: float, low_inclusive: bool) -> timedelta | None:
+    """An optional header holding a number of seconds within [low, high] (or (low, high])."""
+    raw = request.headers.get(name)
     if raw is None:
         return None
-    limit = farm().settings.max_deadline_s
     try:
         seconds = float(raw)
     except ValueError:
         seconds = float("nan")
-    if not 0 < seconds <= limit:  # also refuses NaN and infinity
+    above_low = seconds >= low if low_inclusive else seconds > low
+    if not (above_low and seconds <= high):  # also refuses NaN and infinity
+        bound = "at least" if low_inclusive else "above"
         raise InvalidParams.single(
-            DEADLINE_HEADER, "range", f"must be a number of seconds above 0 and at most {limit:g}"
+            name, "range", f"must be a number of seconds {bound} {low:g} and at most {high:g}"
         )
     return timedelta(seconds=seconds)
+
+
+def _deadline() -> timedelta | None:
+    """The optional per-request deadline, in seconds from submission."""
+    return _seconds_header(DEADLINE_HEADER, 0, farm().settings.max_deadline_s, False)
+
+
+def _retention() -> timedelta:
+    """How long the results are kept: the request's header within bounds, or the default."""
+    settings = farm().settings
+    asked = _seconds_header(
+        RETENTION_HEADER, settings.min_retention_s, settings.max_retention_s, True
+    )
+    return asked or timedelta(seconds=settings.result_retention_s)
 
 
 def _submit(params: KolorsParams) -> Job:
     """Commit a QUEUED job with its hold, then wake the dispatcher, which releases it."""
     context = farm()
     deadline = _deadline()
+    retention = _retention()
     with transaction(context.sessions) as session:
         job = submit_job(
             session,
@@ -80,6 +105,7 @@ def _submit(params: KolorsParams) -> Job:
             context.settings.price_per_image,
             max_live_jobs=context.settings.max_queued_per_user,
             deadline=deadline,
+            retention=retention,
         )
         g.balance = get_balance(session, current_principal().user_id)
     try:
@@ -231,11 +257,24 @@ def _timestamps(job: Job) -> dict[str, str | None]:
     }
 
 
+def _image_link(job: Job, image: JobImage, expires_at: datetime) -> str:
+    """A URL serving one image without credentials until `expires_at`."""
+    context = farm()
+    lifetime = max(1, int((expires_at - utcnow()).total_seconds()))
+    presigned = context.storage.presigned_url(image.storage_key, lifetime)
+    if presigned is not None:
+        return presigned
+    link = ImageLink(job.tenant_id, job.id, image.index, int(expires_at.timestamp()))
+    token = sign_image_link(signing_key(context.settings), link)
+    return _external_url("kolors.result_image", token=token)
+
+
 @bp.get("/v2/requests/<job_id>")
 @authenticated
 def job_result(job_id: str) -> Response:
-    """The result: image URLs, their seeds, and timing metrics."""
+    """The result: fresh expiring image links, seeds, generation records, timing metrics."""
     job = _load_job(job_id)
+    ensure_results_retained(job)
     metrics: dict[str, float] = {}
     if job.started_at:
         metrics["queue_seconds"] = round((job.started_at - job.created_at).total_seconds(), 3)
@@ -243,33 +282,64 @@ def job_result(job_id: str) -> Response:
         metrics["render_seconds"] = round((job.finished_at - job.started_at).total_seconds(), 3)
     if job.finished_at:
         metrics["total_seconds"] = round((job.finished_at - job.created_at).total_seconds(), 3)
+    expires_at = utcnow() + timedelta(seconds=farm().settings.url_ttl_s)
+    if job.expires_at is not None:
+        expires_at = min(expires_at, job.expires_at)
+    links = [_image_link(job, image, expires_at) for image in job.images]
     body: dict[str, Any] = {
         "request_id": job.id,
         "status": public_status(job),
-        "output": [
-            _external_url("kolors.job_image", job_id=job.id, index=image.index)
-            for image in job.images
+        "output": links,
+        "output_expires_at": expires_at.isoformat(),
+        "outputs": [
+            {
+                "url": link,
+                "expires_at": expires_at.isoformat(),
+                "index": image.index,
+                "seed": image.seed,
+                "generation": image.generation,
+            }
+            for link, image in zip(links, job.images, strict=True)
         ],
         "seeds": [image.seed for image in job.images],
         "metrics": metrics,
         "parameters": job.params | {"seed": job.seed},
+        "results_expire_at": job.expires_at.isoformat() if job.expires_at else None,
         **_failure_fields(job),
     }
     return _json(body, job)
 
 
+def _image_response(job: Job, index: int) -> Response:
+    image = next((image for image in job.images if image.index == index), None)
+    if image is None:
+        return problem(404, "Not found", f"Request {job.id!r} has no image {index}")
+    response = Response(farm().storage.get(image.storage_key), mimetype=image.content_type)
+    response.headers["x-seed"] = str(image.seed)
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
 @bp.get("/v2/requests/<job_id>/images/<int:index>")
 @authenticated
 def job_image(job_id: str, index: int) -> Response:
-    """One delivered image's bytes."""
+    """One delivered image's bytes, for a caller with an API key."""
     job = _load_job(job_id)
-    image = next((image for image in job.images if image.index == index), None)
-    if image is None:
-        return problem(404, "Not found", f"Request {job_id!r} has no image {index}")
-    response = Response(farm().storage.get(image.storage_key), mimetype=image.content_type)
-    response.headers["x-seed"] = str(image.seed)
-    response.headers["Cache-Control"] = "private, max-age=86400, immutable"
-    return response
+    ensure_results_retained(job)
+    return _image_response(job, index)
+
+
+@bp.get("/v2/results/<token>")
+def result_image(token: str) -> Response:
+    """One image through a signed, expiring link (no API key: the link is the credential)."""
+    link = verify_image_link(signing_key(farm().settings), token)
+    with transaction(farm().sessions) as session:
+        job = session.get(Job, link.job_id)
+        if job is None or job.tenant_id != link.tenant_id:
+            raise InvalidLink("This link is not valid")
+        _ = job.images
+    ensure_results_retained(job)
+    return _image_response(job, link.index)
 
 
 @bp.delete("/v2/requests/<job_id>")

@@ -69,6 +69,13 @@ class JobNotFound(FarmError):
         super().__init__(f"No request with id {job_id!r}")
 
 
+class ResultsExpired(FarmError):
+    """The job's results passed their retention and were (or are being) deleted."""
+
+    status = 410
+    title = "Gone"
+
+
 class StaleAttempt(FarmError):
     """A write carried an attempt number (fencing token) the job no longer has."""
 

@@ -20,9 +20,9 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from shared.accounts import Principal
-from shared.errors import JobNotFound, StaleAttempt, TooManyJobs
+from shared.errors import JobNotFound, ResultsExpired, StaleAttempt, TooManyJobs
 from shared.ledger import capture_image_credit, hold_credits, release_hold
-from shared.models import LIVE_STATES, Job, JobImage, JobState, utcnow
+from shared.models import LIVE_STATES, TERMINAL_STATES, Job, JobImage, JobState, utcnow
 from shared.params import EXTENSIONS, MAX_SEED, RANDOM_SEED, KolorsParams
 from shared.pricing import price_per_image
 
@@ -84,6 +84,7 @@ def submit_job(
     *,
     max_live_jobs: int | None = None,
     deadline: timedelta | None = None,
+    retention: timedelta | None = None,
 ) -> Job:
     """Record a QUEUED job and hold its full price.
 
@@ -103,6 +104,7 @@ def submit_job(
         price_per_image=unit_price,
         created_at=now,
         deadline_at=now + deadline if deadline is not None else None,
+        expires_at=now + retention if retention is not None else None,
     )
     session.add(job)
     session.flush()
@@ -175,6 +177,7 @@ def record_image(
     storage_key: str,
     content_type: str,
     size_bytes: int,
+    generation: dict[str, Any] | None = None,
 ) -> None:
     """Record one delivered image and capture its price; StaleAttempt if the claim was lost."""
     row = session.execute(
@@ -194,6 +197,7 @@ def record_image(
             content_type=content_type,
             size_bytes=size_bytes,
             attempt=attempt,
+            generation=generation,
         )
     )
     capture_image_credit(session, row.user_id, job_id, row.price_per_image)
@@ -289,3 +293,50 @@ def renew_lease(session: Session, job_id: str, attempt: int, lease: timedelta) -
         .returning(Job.id)
     ).scalar_one_or_none()
     return renewed is not None
+
+
+def results_expired(job: Job, now: datetime | None = None) -> bool:
+    """Whether the job's results are past their retention (served never again)."""
+    if job.results_deleted_at is not None:
+        return True
+    return job.expires_at is not None and job.expires_at <= (now or utcnow())
+
+
+def ensure_results_retained(job: Job) -> None:
+    """ResultsExpired unless the job's results may still be served."""
+    if results_expired(job):
+        expired = job.expires_at.isoformat() if job.expires_at else "earlier"
+        raise ResultsExpired(
+            f"The results of request {job.id} expired at {expired} and were deleted"
+        )
+
+
+def expired_results(session: Session, limit: int) -> dict[str, list[str]]:
+    """Up to `limit` ended jobs past retention whose results still exist, with their keys."""
+    job_ids = list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                Job.expires_at <= utcnow(),
+                Job.results_deleted_at.is_(None),
+                Job.state.in_([s.value for s in TERMINAL_STATES]),
+            )
+            .order_by(Job.expires_at)
+            .limit(limit)
+        )
+    )
+    keys: dict[str, list[str]] = {job_id: [] for job_id in job_ids}
+    for job_id, key in session.execute(
+        select(JobImage.job_id, JobImage.storage_key).where(JobImage.job_id.in_(job_ids))
+    ):
+        keys[job_id].append(key)
+    return keys
+
+
+def mark_results_deleted(session: Session, job_id: str) -> None:
+    """Record that a job's stored results are gone."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.results_deleted_at.is_(None))
+        .values(results_deleted_at=utcnow())
+    )

@@ -66,6 +66,7 @@ class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict[Any, Any]] = {
         datetime: UTCDateTime(),
         dict[str, Any]: JSON(),
+        dict[str, Any] | None: JSON(),
     }
 
 
@@ -180,6 +181,9 @@ class Job(Base):
     released_at: Mapped[datetime | None] = mapped_column(default=None)
     # A client's deadline: past it a queued job is cancelled, a running one stops.
     deadline_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Results are kept until then (counted from submission); cleanup deletes them after.
+    expires_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    results_deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
     images: Mapped[list[JobImage]] = relationship(order_by="JobImage.index", back_populates="job")
 
@@ -198,6 +202,8 @@ class JobImage(Base):
     content_type: Mapped[str] = mapped_column(String(50))
     size_bytes: Mapped[int] = mapped_column(Integer)
     attempt: Mapped[int] = mapped_column(Integer)
+    # The generation record embedded in the image's metadata (see shared/imaging.py).
+    generation: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="images")

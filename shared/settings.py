@@ -5,7 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,6 +48,16 @@ class Settings(BaseSettings):
         default=120.0, ge=0, description="How long a worker retries a write while the DB is down."
     )
 
+    # Results: link lifetimes and retention.
+    url_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    url_signing_key: SecretStr | None = Field(
+        default=None, description="Signs local-disk result links; generated under the data dir."
+    )
+    result_retention_s: int = Field(default=7 * 24 * 3600, gt=0)
+    min_retention_s: int = Field(default=3600, gt=0)
+    max_retention_s: int = Field(default=30 * 24 * 3600, gt=0)
+    cleanup_interval_s: float = Field(default=60.0, gt=0)
+
     # Credits: the price of one 1024x1024 image at 25 steps, in credits.
     price_per_image: Decimal = Field(default=Decimal("1"), ge=0)
 
@@ -56,6 +66,14 @@ class Settings(BaseSettings):
     def _absolute_data_dir(cls, value: Path) -> Path:
         # Child processes may run from another directory; resolve once here.
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _retention_bounds(self) -> Settings:
+        if not self.min_retention_s <= self.result_retention_s <= self.max_retention_s:
+            raise ValueError(
+                "KOLORS_FARM_RESULT_RETENTION_S must lie between the MIN and MAX retention"
+            )
+        return self
 
     @property
     def resolved_database_url(self) -> str:

@@ -1,16 +1,32 @@
-"""Result storage behind a small interface; local disk is the default backend."""
+"""Result storage behind a small interface: local disk (the default) or S3 via boto3.
+
+Keys are deterministic per tenant, job and image index, so a redelivered upload
+overwrites instead of duplicating. A write is all or nothing: local files are
+renamed into place, S3 objects appear only when complete; both are verified
+before the job records them.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlparse
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
 
 
 class ObjectMissing(KeyError):
     """No object is stored under the key."""
+
+
+class StorageError(OSError):
+    """A write could not be completed or verified."""
 
 
 class ResultStorage(Protocol):
@@ -24,6 +40,12 @@ class ResultStorage(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove the object if present."""
+
+    def presigned_url(self, key: str, expires_s: int) -> str | None:
+        """A URL serving the object without credentials until it expires, or None.
+
+        None means the backend cannot make one; the API then signs its own links.
+        """
 
 
 class LocalStorage:
@@ -65,12 +87,82 @@ class LocalStorage:
         """Remove the file if present."""
         self._path(key).unlink(missing_ok=True)
 
+    def presigned_url(self, key: str, expires_s: int) -> str | None:
+        """Local files have no URL of their own; the API serves them through signed links."""
+        return None
+
+
+class S3Storage:
+    """Objects in an S3-compatible bucket under an optional prefix.
+
+    boto3 finds credentials through the standard AWS chain and honours
+    AWS_ENDPOINT_URL (MinIO, R2, Ceph); requests are always signed with SigV4.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", client: Any = None) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = client or boto3.client(
+            "s3",
+            config=Config(
+                signature_version="s3v4",
+                retries={"mode": "standard", "max_attempts": 5},
+                s3={"addressing_style": "path"},
+            ),
+        )
+
+    def _key(self, key: str) -> str:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"invalid storage key {key!r}")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Upload with a SHA-256 checksum the server verifies, then check what it stored."""
+        checksum = base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
+        object_key = self._key(key)
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=object_key,
+            Body=data,
+            ContentType=content_type,
+            ChecksumAlgorithm="SHA256",
+            ChecksumSHA256=checksum,
+        )
+        head = self.client.head_object(Bucket=self.bucket, Key=object_key, ChecksumMode="ENABLED")
+        stored = head.get("ChecksumSHA256")
+        if head["ContentLength"] != len(data) or (stored is not None and stored != checksum):
+            raise StorageError(f"upload of {object_key!r} could not be verified")
+
+    def get(self, key: str) -> bytes:
+        """Download the whole object."""
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise ObjectMissing(key) from None
+            raise
+        data: bytes = response["Body"].read()
+        return data
+
+    def delete(self, key: str) -> None:
+        """Delete the object (S3 answers success for a missing one too)."""
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def presigned_url(self, key: str, expires_s: int) -> str | None:
+        """A SigV4 presigned GET URL, valid for `expires_s` seconds."""
+        url: str = self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._key(key)},
+            ExpiresIn=expires_s,
+        )
+        return url
+
 
 def make_storage(url: str) -> ResultStorage:
-    """Build the backend a storage URL names (`file:///path`)."""
+    """Build the backend a storage URL names: `file:///path` or `s3://bucket/prefix`."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return LocalStorage(Path(parsed.netloc + parsed.path))
-    raise ValueError(
-        f"unsupported storage URL {url!r}: this version stores results on local disk (file://)"
-    )
+    if parsed.scheme == "s3" and parsed.netloc:
+        return S3Storage(parsed.netloc, parsed.path)
+    raise ValueError(f"unsupported storage URL {url!r}: use file:///path or s3://bucket/prefix")

@@ -35,6 +35,7 @@ from shared.models import Job, JobState, LedgerEntry, LedgerKind, utcnow
 from shared.params import KolorsParams
 from shared.queue import RENDER_QUEUE, make_celery
 from shared.settings import Settings
+from shared.storage import make_storage
 from tests.conftest import ApiUser, make_user
 
 ONE = Decimal("1")
@@ -509,7 +510,7 @@ def make_dispatcher(
     **overrides: Any,
 ) -> Dispatcher:
     tuned = settings.model_copy(update={"dispatch_margin": 2, **overrides})
-    return Dispatcher(tuned, sessions, client, celery)
+    return Dispatcher(tuned, sessions, client, celery, make_storage(tuned.resolved_storage_url))
 
 
 def released_ids(sessions: sessionmaker[Session]) -> list[str]:

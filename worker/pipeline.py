@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import logging
 import time
 from collections.abc import Callable
@@ -51,13 +53,62 @@ def resolve_model_source(settings: Settings) -> str:
     return settings.model
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def weights_index_sha256(folder: Path) -> str:
+    """A fingerprint of a checkpoint's weights, from its index files and weight files' sizes.
+
+    Hashing gigabytes of weights at every worker start would cost minutes.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if path.suffix == ".json" and (path.name == "model_index.json" or "index" in path.name):
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+        elif path.suffix in _WEIGHT_SUFFIXES:
+            digest.update(f"{name}\0{path.stat().st_size}\0".encode())
+    return digest.hexdigest()
+
+
+def _checkpoint_folder(source: str) -> Path | None:
+    if Path(source).is_dir():
+        return Path(source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception:
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    """The versions that decide what a seed renders to."""
+    import transformers
+
+    return {
+        "kolors-farm": importlib.metadata.version("kolors-farm"),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
 class KolorsRenderer:
     """One loaded pipeline on one device; renders one job's images at a time."""
 
-    def __init__(self, pipe: KolorsPipeline, device: torch.device, model_id: str) -> None:
+    def __init__(
+        self,
+        pipe: KolorsPipeline,
+        device: torch.device,
+        model_id: str,
+        weights_sha256: str | None = None,
+    ) -> None:
         self.pipe = pipe
         self.device = device
         self.model_id = model_id
+        self.weights_sha256 = weights_sha256
+        self.versions = library_versions()
         self._scheduler_config = dict(pipe.scheduler.config)
         self._schedulers: dict[str, Any] = {}
         pipe.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
@@ -81,7 +132,31 @@ class KolorsRenderer:
             dtype,
             time.perf_counter() - started,
         )
-        return cls(pipe, device, settings.model)
+        folder = _checkpoint_folder(source)
+        fingerprint = weights_index_sha256(folder) if folder is not None else None
+        return cls(pipe, device, settings.model, fingerprint)
+
+    def generation_record(self, params: KolorsParams, seed: int) -> dict[str, Any]:
+        """What reproduces one image: its parameters (resubmittable as is), model and versions."""
+        return {
+            "parameters": {
+                "prompt": params.prompt,
+                "negative_prompt": params.negative_prompt,
+                "cfg": params.cfg,
+                "seed": seed,
+                "steps": params.steps,
+                "width": params.width,
+                "height": params.height,
+                "scheduler": params.scheduler,
+                "output_format": params.output_format,
+                "output_quality": params.output_quality,
+            },
+            "model": self.model_id,
+            "weights_sha256": self.weights_sha256,
+            "device": self.device.type,
+            "dtype": str(self.pipe.dtype).removeprefix("torch."),
+            "versions": self.versions,
+        }
 
     def scheduler(self, name: str) -> Any:
         """The named scheduler, built once from the model's own scheduler config."""

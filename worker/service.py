@@ -258,7 +258,10 @@ def _render_pending_images(
             return
         _record_speed(context, spec, len(indices), time.monotonic() - started)
         for index, image in zip(indices, images, strict=True):
-            data, content_type = encode_image(image, params.output_format, params.output_quality)
+            record = context.renderer.generation_record(params, spec.image_seed(index))
+            data, content_type = encode_image(
+                image, params.output_format, params.output_quality, record
+            )
             key = image_storage_key(spec.tenant_id, spec.job_id, index, params.output_format)
             # Stored before it is recorded: a recorded image always exists.
             context.storage.put(key, data, content_type)
@@ -273,6 +276,7 @@ def _render_pending_images(
                     storage_key=key,
                     content_type=content_type,
                     size_bytes=len(data),
+                    generation=record,
                 ),
             )
             reporter.images_done += 1
