@@ -17,9 +17,11 @@ def _responses(ok: dict[str, Any], *codes: int) -> dict[str, Any]:
     descriptions = {
         400: "Invalid parameters (the error names the field and the rule)",
         401: "Missing or invalid API key",
+        403: "The link was tampered with, re-targeted or has expired",
         404: "Unknown request id (or another tenant's)",
         406: "Not enough credits",
         413: "Request body too large",
+        410: "The request's results passed their retention and were deleted",
         422: "The request FAILED (or was cancelled)",
         429: "Too many live requests for this user (see Retry-After)",
         503: "A backing service is unavailable",
@@ -52,6 +54,13 @@ def build_openapi() -> dict[str, Any]:
         "in": "header",
         "required": False,
         "description": "Cancel the job if it has not finished this many seconds after submission",
+        "schema": {"type": "number", "exclusiveMinimum": 0},
+    }
+    retention = {
+        "name": "X-Retention-Seconds",
+        "in": "header",
+        "required": False,
+        "description": "Keep the results this long from submission (within the farm's bounds)",
         "schema": {"type": "number", "exclusiveMinimum": 0},
     }
     status_body = {
@@ -135,6 +144,24 @@ def build_openapi() -> dict[str, Any]:
                         "request_id": {"type": "string"},
                         "status": {"enum": ["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]},
                         "output": {"type": "array", "items": {"type": "string", "format": "uri"}},
+                        "output_expires_at": {"type": "string", "format": "date-time"},
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "url": {"type": "string", "format": "uri"},
+                                    "expires_at": {"type": "string", "format": "date-time"},
+                                    "index": {"type": "integer"},
+                                    "seed": {"type": "integer"},
+                                    "generation": {
+                                        "type": ["object", "null"],
+                                        "description": "The record embedded in the image",
+                                    },
+                                },
+                            },
+                        },
+                        "results_expire_at": {"type": ["string", "null"], "format": "date-time"},
                         "seeds": {"type": "array", "items": {"type": "integer"}},
                         "metrics": {"type": "object"},
                         "parameters": {"type": "object"},
@@ -147,7 +174,7 @@ def build_openapi() -> dict[str, Any]:
             "/v1/kolors": {
                 "post": {
                     "summary": "Render and wait; answers the first image (JSON with base64=true)",
-                    "parameters": [deadline],
+                    "parameters": [deadline, retention],
                     "requestBody": body,
                     "responses": _responses(
                         {
@@ -168,7 +195,7 @@ def build_openapi() -> dict[str, Any]:
             "/v2/kolors": {
                 "post": {
                     "summary": "Queue a render",
-                    "parameters": [deadline],
+                    "parameters": [deadline, retention],
                     "requestBody": body,
                     "responses": _responses(
                         {
@@ -212,6 +239,7 @@ def build_openapi() -> dict[str, Any]:
                         },
                         401,
                         404,
+                        410,
                         422,
                     ),
                 },
@@ -233,7 +261,22 @@ def build_openapi() -> dict[str, Any]:
                             "schema": {"type": "integer", "minimum": 0},
                         },
                     ],
-                    "responses": _responses({"description": "The image bytes"}, 401, 404),
+                    "responses": _responses({"description": "The image bytes"}, 401, 404, 410),
+                }
+            },
+            "/v2/results/{token}": {
+                "get": {
+                    "summary": "One image through a signed, expiring link (no API key)",
+                    "security": [],
+                    "parameters": [
+                        {
+                            "name": "token",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": _responses({"description": "The image bytes"}, 403, 404, 410),
                 }
             },
             "/v1/get-user-credits": {
