@@ -232,7 +232,9 @@ def fail_job(session: Session, job_id: str, error: str, attempt: int | None = No
     """Mark a live job FAILED with `error` and release its hold; False if it was not live."""
     conditions = [Job.id == job_id, Job.state.in_([s.value for s in LIVE_STATES])]
     if attempt is not None:
-        conditions.append(Job.attempt == attempt)
+        # A worker's failure counts only while its claim holds: a requeued job keeps its
+        # attempt number until the next claim, so the state must be checked too.
+        conditions += [Job.attempt == attempt, Job.state == JobState.RUNNING.value]
     user_id = session.execute(
         update(Job)
         .where(*conditions)
