@@ -19,7 +19,6 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.fairshare import QueuedJob, ShareState, fair_order, pick_for_release
-from shared.jobs import fail_job
 from shared.ledger import release_hold
 from shared.models import Job, JobState, Tenant, User, utcnow
 
@@ -216,7 +215,19 @@ def recover_expired_leases(session: Session, max_attempts: int) -> list[LeaseOut
                 f"The render was lost {row.attempt} times (its worker stopped); "
                 "the credits for undelivered images were released"
             )
-            if fail_job(session, row.id, error, attempt=row.attempt):
+            failed = session.execute(
+                update(Job)
+                .where(*still_expired)
+                .values(
+                    state=JobState.FAILED.value,
+                    error=error,
+                    finished_at=now,
+                    lease_expires_at=None,
+                )
+                .returning(Job.id)
+            ).scalar_one_or_none()
+            if failed is not None:
+                release_hold(session, row.user_id, row.id)
                 outcomes.append(LeaseOutcome(row.id, row.attempt, JobState.FAILED))
             continue
         requeued = session.execute(

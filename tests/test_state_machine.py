@@ -95,9 +95,9 @@ STATE_MACHINE_SETTINGS = settings(
     deadline=None,
     phases=[phase for phase in Phase if phase is not Phase.explain],
 )
-# PostgreSQL answers each of the ~25 queries a step makes over a socket, about three times
-# slower than SQLite here (40 examples: ~40 s against ~18 s), so it runs fewer examples of the
-# same machine: enough to catch a dialect difference while the whole file stays under a minute.
+# PostgreSQL answers each of the ~25 queries a step makes over a socket: 40 examples took
+# ~40 s there against ~20 s on SQLite, so it runs fewer examples of the same machine, enough
+# to catch a dialect difference while the whole file stays well under a minute.
 POSTGRES_SETTINGS = settings(STATE_MACHINE_SETTINGS, max_examples=12)
 
 # The invariants' queries, built once.
@@ -557,7 +557,7 @@ def test_job_lifecycle_and_ledger_on_postgresql(postgres_database: str) -> None:
 
 
 def test_a_stale_worker_cannot_fail_its_requeued_job(sessions: sessionmaker[Session]) -> None:
-    """The smallest case the machine's `fail` rule finds, as a plain test on both databases.
+    """The smallest case the machine's `fail` rule found (fixed since), on both databases.
 
     A worker's lease expires and recovery requeues the job (QUEUED, attempt unchanged);
     the stale worker's render then raises, and its fenced fail_job must not end the job
