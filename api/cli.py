@@ -100,6 +100,39 @@ def api(host: str, port: int, processes: int, threads: int) -> None:
 
 
 @main.command()
+@click.option(
+    "--devices",
+    default=None,
+    help="Comma-separated CUDA device indices to serve (default: every visible device).",
+)
+@click.option(
+    "--cpu-workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="CPU workers to start when no CUDA device is visible.",
+)
+def workers(devices: str | None, cpu_workers: int) -> None:
+    """Run one render worker per device, each pinned to its GPU, restarted with backoff if it dies.
+
+    Each worker sees only its own device (CUDA_VISIBLE_DEVICES) and is named gpuN@host.
+    """
+    import socket
+
+    from api.launcher import visible_cuda_devices, worker_plan
+    from api.supervisor import run_workers, select_devices
+
+    _configure_logging()
+    visible = visible_cuda_devices()
+    try:
+        chosen = select_devices(visible, devices)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--devices") from exc
+    plan = worker_plan(chosen, cpu_workers, socket.gethostname())
+    sys.exit(run_workers(plan, dict(os.environ)))
+
+
+@main.command()
 def dispatcher() -> None:
     """Release queued jobs to the workers in fair-share order and recover lost work.
 

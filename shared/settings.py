@@ -31,6 +31,15 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: str = Field(default="auto", pattern="^(auto|float32|float16|bfloat16)$")
     render_batch_size: int = Field(default=1, ge=1, le=10)
+    channels_last: bool = Field(default=False, description="UNet and VAE in channels-last layout.")
+    compile_unet: bool = Field(default=False, description="torch.compile the UNet at start.")
+    text_encoder_offload: bool = Field(
+        default=False, description="Keep models on the host and move each to the GPU to run."
+    )
+    warmup: bool = Field(default=True, description="Render a throwaway image before serving.")
+    vae_tiling_above_pixels: int = Field(default=1536 * 1536, ge=0)
+    memory_per_megapixel_mb: int = Field(default=1600, gt=0)
+    memory_reserve_mb: int = Field(default=2048, ge=0)
     visibility_timeout_s: int = Field(default=4 * 3600, gt=0)
     progress_interval_s: float = Field(default=0.5, ge=0)
     heartbeat_interval_s: float = Field(default=5.0, gt=0)

@@ -250,3 +250,12 @@ def test_status_shows_progress_while_running(farm: Farm) -> None:
     assert "PROCESSING" in seen
     assert len(steps_seen - {0}) >= 2  # step progress moved while it rendered
     assert status["progress"]["images_done"] == 3
+
+
+def test_readiness_reports_each_workers_device_memory_and_warm_state(farm: Farm) -> None:
+    body = httpx.get(f"{farm.url}/readyz").json()
+    worker = body["workers"]["e2e-cpu0"]
+    assert worker["device"] == "cpu" and worker["device_name"] == "cpu"
+    assert 0 < worker["memory_free_bytes"] <= worker["memory_total_bytes"]
+    assert worker["warm"] is True  # warmed up before it took its first job
+    assert body["dispatcher"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -259,3 +260,25 @@ def test_a_worker_that_loses_its_lease_stops_and_writes_nothing_more(
             select(func.count()).where(LedgerEntry.job_id == job.id, LedgerEntry.kind == "capture")
         )
         assert captures == len(delivered)
+
+
+def test_out_of_memory_fails_only_that_job_and_the_worker_goes_on(
+    context: WorkerContext, alice: ApiUser
+) -> None:
+    original = context.renderer.render
+
+    def out_of_memory(*args: object, **kwargs: object) -> object:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    context.renderer.render = out_of_memory  # type: ignore[method-assign,assignment]
+    try:
+        failed = render(context, alice, number_of_images=2)
+    finally:
+        context.renderer.render = original  # type: ignore[method-assign]
+    assert failed.state == "FAILED" and failed.images == []
+    assert failed.error is not None and "Out of GPU memory" in failed.error
+    following = render(context, alice)
+    assert following.state == "COMPLETED" and len(following.images) == 1
+    with transaction(context.sessions) as session:
+        assert get_balance(session, alice.principal.user_id) == 10_000 - 40
+        assert ledger_balance(session, alice.principal.user_id) == 10_000 - 40

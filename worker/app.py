@@ -30,7 +30,7 @@ def register_render_task(app: Celery, context: WorkerContext) -> None:
 
 
 def _heartbeat_loop(context: WorkerContext, stop: threading.Event) -> None:
-    info = {
+    static = {
         "device": str(context.renderer.device),
         "model": context.renderer.model_id,
         "pid": os.getpid(),
@@ -39,6 +39,8 @@ def _heartbeat_loop(context: WorkerContext, stop: threading.Event) -> None:
     interval = context.settings.heartbeat_interval_s
     while not stop.is_set():
         try:
+            info = static | context.renderer.device_status()
+            info |= {"warm": context.renderer.warm, "job": context.current_job}
             record_heartbeat(context.redis, context.name, info, ttl_s=interval * 3)
         except Exception as exc:
             log.warning("heartbeat failed: %s", type(exc).__name__)
@@ -51,6 +53,8 @@ def run_worker(settings: Settings, device: str | None, name: str | None) -> int:
     name = name or f"{device.replace(':', '')}@{socket.gethostname()}"
     try:
         renderer = KolorsRenderer.load(settings, device)
+        if settings.warmup:
+            log.info("warmed up in %.1f s", renderer.warm_up())
     except Exception:
         # Celery would swallow this in a signal handler; failing here keeps the process honest.
         log.exception("could not load the Kolors pipeline (KOLORS_FARM_MODEL=%s)", settings.model)

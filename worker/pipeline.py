@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image
 
 from shared.params import SCHEDULERS, KolorsParams
 from shared.settings import Settings
+from worker.memory import MemoryModel, images_per_call
 from worker.tiny import ensure_tiny_checkpoint
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,13 @@ def weights_index_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def _has_fp16_variant(source: str) -> bool:
+    """Whether the checkpoint ships half-precision weight files (`*.fp16.safetensors`)."""
+    if Path(source).is_dir():
+        return any(Path(source).rglob("*.fp16.safetensors"))
+    return True  # the hub's Kwai-Kolors/Kolors-diffusers does; from_pretrained checks
+
+
 def _checkpoint_folder(source: str) -> Path | None:
     if Path(source).is_dir():
         return Path(source)
@@ -109,6 +118,8 @@ class KolorsRenderer:
         self.model_id = model_id
         self.weights_sha256 = weights_sha256
         self.versions = library_versions()
+        self.warm = False
+        self.vae_tiling_above_pixels = 0  # 0: never tile
         self._scheduler_config = dict(pipe.scheduler.config)
         self._schedulers: dict[str, Any] = {}
         pipe.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
@@ -120,21 +131,61 @@ class KolorsRenderer:
         dtype = resolve_dtype(settings.dtype, device)
         source = resolve_model_source(settings)
         started = time.perf_counter()
-        kwargs: dict[str, Any] = {"dtype": dtype}
-        if dtype == torch.float16 and not Path(source).is_dir():
-            kwargs["variant"] = "fp16"  # the hub checkpoint ships half-precision weights
+        kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True}
+        if dtype in (torch.float16, torch.bfloat16) and _has_fp16_variant(source):
+            kwargs["variant"] = "fp16"  # half the bytes to read; cast on load where bf16
         pipe = KolorsPipeline.from_pretrained(source, **kwargs)
-        pipe.to(device)
+        loaded_s = time.perf_counter() - started
+        if settings.text_encoder_offload:
+            # ChatGLM3-6B is 12 GB in half precision; offloading keeps it on the host and
+            # moves each model to the GPU only while it runs.
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+        if settings.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        if settings.compile_unet:
+            pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=False)
         log.info(
-            "loaded %s on %s as %s in %.1f s",
+            "loaded %s on %s as %s: read in %.1f s, on the device in %.1f s",
             settings.model,
             device,
             dtype,
+            loaded_s,
             time.perf_counter() - started,
         )
         folder = _checkpoint_folder(source)
         fingerprint = weights_index_sha256(folder) if folder is not None else None
-        return cls(pipe, device, settings.model, fingerprint)
+        renderer = cls(pipe, device, settings.model, fingerprint)
+        renderer.vae_tiling_above_pixels = settings.vae_tiling_above_pixels
+        return renderer
+
+    def warm_up(self) -> float:
+        """Render one small throwaway image so no user pays for first-call costs; seconds."""
+        started = time.perf_counter()
+        params = KolorsParams(prompt="warm-up", width=512, height=512, steps=2)
+        self.render(params, [0], lambda _step, _steps: None, lambda: False)
+        return time.perf_counter() - started
+
+    def device_status(self) -> dict[str, Any]:
+        """The device's name and memory, for the workers' status."""
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            name = torch.cuda.get_device_name(self.device)
+        else:
+            page = os.sysconf("SC_PAGE_SIZE")
+            total = os.sysconf("SC_PHYS_PAGES") * page
+            free = os.sysconf("SC_AVPHYS_PAGES") * page
+            name = "cpu"
+        return {"device_name": name, "memory_total_bytes": total, "memory_free_bytes": free}
+
+    def images_per_call(self, params: KolorsParams, max_batch: int, model: MemoryModel) -> int:
+        """How many of a job's images one call renders: what fits the device's free memory."""
+        if self.device.type != "cuda":
+            return max_batch
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return images_per_call(model, params.width, params.height, free, max_batch)
 
     def generation_record(self, params: KolorsParams, seed: int) -> dict[str, Any]:
         """What reproduces one image: its parameters (resubmittable as is), model and versions."""
@@ -171,6 +222,12 @@ class KolorsRenderer:
     ) -> list[Image.Image] | None:
         """Render one image per seed; None if `should_stop` interrupted the loop."""
         self.pipe.scheduler = self.scheduler(params.scheduler)
+        # Large decodes run tile by tile: the VAE's full-resolution activations are the peak.
+        limit = self.vae_tiling_above_pixels
+        if limit and params.width * params.height > limit:
+            self.pipe.vae.enable_tiling()
+        else:
+            self.pipe.vae.disable_tiling()
         # CPU generators give the same starting noise on every device type.
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
         interrupted = False
@@ -201,4 +258,5 @@ class KolorsRenderer:
         if interrupted:
             return None  # the VAE decoded partial latents; they are not a result
         images: list[Image.Image] = result.images
+        self.warm = True
         return images

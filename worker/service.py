@@ -45,6 +45,7 @@ from shared.jobs import (
 from shared.models import JobState, utcnow
 from shared.settings import Settings
 from shared.storage import ResultStorage
+from worker.memory import MIB, MemoryModel, plan_chunks
 from worker.pipeline import KolorsRenderer
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class WorkerContext:
     redis: redis.Redis
     storage: ResultStorage
     renderer: KolorsRenderer
+    current_job: str | None = None
 
 
 class _ProgressReporter:
@@ -182,6 +184,7 @@ def run_render_job(context: WorkerContext, job_id: str) -> None:
         len(spec.pending_indices()),
     )
     state: str = JobState.FAILED.value
+    context.current_job = job_id
     try:
         with _LeaseKeeper(context, spec) as lease_keeper:
             reporter = _ProgressReporter(context, spec, lease_keeper)
@@ -213,6 +216,8 @@ def run_render_job(context: WorkerContext, job_id: str) -> None:
     except Exception:
         log.exception("job %s: render failed", job_id)
         _fail(context, spec, "The render failed on the worker; the credits were released")
+    finally:
+        context.current_job = None
     # Only a settled job is announced: a waiter woken early would report a false failure.
     _announce_settled(context, job_id, state)
     log.info("job %s attempt %d: %s", job_id, spec.attempt, state)
@@ -244,11 +249,14 @@ def _render_pending_images(
     context: WorkerContext, spec: RenderSpec, reporter: _ProgressReporter
 ) -> None:
     params = spec.params
-    pending = spec.pending_indices()
-    batch = context.settings.render_batch_size
+    settings = context.settings
+    memory = MemoryModel(
+        bytes_per_megapixel=settings.memory_per_megapixel_mb * MIB,
+        reserve_bytes=settings.memory_reserve_mb * MIB,
+    )
+    per_call = context.renderer.images_per_call(params, settings.render_batch_size, memory)
     reporter.write(0, params.steps)
-    for start in range(0, len(pending), batch):
-        indices = pending[start : start + batch]
+    for indices in plan_chunks(spec.pending_indices(), per_call):
         started = time.monotonic()
         images = context.renderer.render(
             params, [spec.image_seed(i) for i in indices], reporter.step, reporter.should_stop
