@@ -85,10 +85,11 @@ class Dispatcher:
         self.storage = storage
         self._next_cleanup = 0.0
 
-    def run_pass(self) -> PassReport:
-        """Recover what faults left behind, then release jobs into free worker slots."""
+    def run_pass(self, recover: bool = True) -> PassReport:
+        """Recover what faults left behind (if `recover`), then release jobs into free slots."""
         report = PassReport()
-        self._recover(report)
+        if recover:
+            self._recover(report)
         self._release(report)
         if time.monotonic() >= self._next_cleanup:
             self._next_cleanup = time.monotonic() + self.settings.cleanup_interval_s
@@ -197,12 +198,18 @@ def run_dispatcher(settings: Settings, stop: threading.Event | None = None) -> i
     lock = client.lock(DISPATCH_LOCK_KEY, timeout=lock_ttl)
     token = _leader_token()
     leading = False
+    next_recovery = 0.0
     log.info("dispatcher %s started", token)
     while not stop.is_set():
         try:
             leading = _hold_lock(lock, token, leading)
             if leading:
-                report = dispatcher.run_pass()
+                # A wake-up only releases (milliseconds matter there); recovery runs once
+                # per interval.
+                recover = time.monotonic() >= next_recovery
+                if recover:
+                    next_recovery = time.monotonic() + settings.dispatch_interval_s
+                report = dispatcher.run_pass(recover=recover)
                 if report.released:
                     log.info("released %d job(s)", len(report.released))
                 # Woken by a submission or a finished job, or tick: recovery must run
