@@ -170,3 +170,45 @@ def test_up_runs_the_whole_farm_and_stops_every_child(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.stdout.close()
+
+
+def test_workers_refuses_devices_that_are_not_visible(env: dict[str, str]) -> None:
+    result = cli(env | {"CUDA_VISIBLE_DEVICES": "0,1"}, "workers", "--devices", "0,4", check=False)
+    assert result.returncode == 2
+    assert "choose distinct devices among the visible ones (0, 1)" in result.stderr
+
+
+def test_workers_restarts_a_worker_killed_with_sigkill(
+    env: dict[str, str], redis_url: str, tiny_model_dir: Path
+) -> None:
+    from shared.events import live_workers, make_redis
+
+    env = env | {
+        "KOLORS_FARM_REDIS_URL": redis_url,
+        "KOLORS_FARM_MODEL": str(tiny_model_dir),
+        "KOLORS_FARM_HEARTBEAT_INTERVAL_S": "0.5",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    client = make_redis(redis_url)
+    launcher = subprocess.Popen([sys.executable, "-m", "api", "workers"], env=env)
+
+    def worker_pid() -> int | None:
+        workers = live_workers(client)
+        return next((int(info["pid"]) for info in workers.values()), None)
+
+    try:
+        deadline = time.monotonic() + 120
+        while (first := worker_pid()) is None:
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        assert set(live_workers(client)) == {f"cpu0@{os.uname().nodename}"}
+        os.kill(first, signal.SIGKILL)
+        while (second := worker_pid()) in (None, first):
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        assert second != first and str(second) in descendants(launcher.pid)
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=60) == 0
+    with pytest.raises(ProcessLookupError):  # the launcher stopped its worker on the way out
+        os.kill(second, 0)
