@@ -93,7 +93,11 @@ class Dispatcher:
         self._release(report)
         if time.monotonic() >= self._next_cleanup:
             self._next_cleanup = time.monotonic() + self.settings.cleanup_interval_s
-            report.deleted = self.delete_expired_results()
+            try:
+                report.deleted = self.delete_expired_results()
+            except Exception as exc:
+                # Storage trouble must not stop dispatching; the next cleanup retries.
+                log.warning("result cleanup failed (%s); will retry", type(exc).__name__)
         return report
 
     def delete_expired_results(self, batch: int = 200) -> list[str]:

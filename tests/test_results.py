@@ -478,3 +478,35 @@ def test_the_farm_serves_results_from_s3_through_presigned_links(
         assert read_generation_record(image.content) == result["outputs"][0]["generation"]
     finally:
         farm.stop_all()
+
+
+def test_a_failing_cleanup_does_not_stop_dispatching(
+    alice: ApiUser, sessions: sessionmaker[Session], storage: LocalStorage, settings: Settings
+) -> None:
+    from api.dispatcher import Dispatcher
+    from shared.queue import make_celery
+
+    job_id = delivered_job(sessions, alice, storage)
+    with transaction(sessions) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    path = storage.root / f"{alice.principal.tenant_id}/{job_id}/0.webp"
+    path.unlink()
+    path.mkdir()  # a directory where the image was: deleting it fails
+    queued = client_submit(sessions, alice)
+    dispatcher = Dispatcher(
+        settings, sessions, make_redis(settings.require_redis_url()), make_celery(settings), storage
+    )
+    report = dispatcher.run_pass()
+    assert report.released == [queued] and report.deleted == []
+    with transaction(sessions) as session:
+        assert session.get_one(Job, job_id).results_deleted_at is None  # retried next time
+
+
+def client_submit(sessions: sessionmaker[Session], user: ApiUser) -> str:
+    with transaction(sessions) as session:
+        job = submit_job(session, user.principal, KolorsParams(prompt="x"), Decimal(1))
+        return job.id
