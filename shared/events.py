@@ -6,6 +6,7 @@ re-read from the database.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -67,8 +68,16 @@ def wait_for_job(
             if message is None and is_finished():
                 return True
         return is_finished()
+    except redis.RedisError:
+        # Redis is away but the job goes on: read its row once a second instead.
+        while (remaining := deadline - time.monotonic()) > 0:
+            if is_finished():
+                return True
+            time.sleep(min(1.0, remaining))
+        return is_finished()
     finally:
-        pubsub.close()
+        with contextlib.suppress(redis.RedisError):
+            pubsub.close()
 
 
 @dataclass(frozen=True)

@@ -301,6 +301,25 @@ def test_submission_is_kept_while_redis_is_unreachable(
         assert list(kinds) == ["hold"]
 
 
+def test_synchronous_wait_survives_an_unreachable_redis(
+    settings: Settings, alice: ApiUser, sessions: sessionmaker[Session]
+) -> None:
+    from api.app import create_app
+
+    broken = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0", "sync_timeout_s": 1})
+    response = (
+        create_app(broken)
+        .test_client()
+        .post("/v1/kolors", json={"prompt": "x"}, headers=alice.headers)
+    )
+    # Not a 503: the job is queued and will run, so the client is told to poll, not to retry.
+    assert response.status_code == 504
+    body = response.get_json()
+    assert body["status_url"].endswith(f"/v2/requests/{body['request_id']}/status")
+    with transaction(sessions) as session:
+        assert session.get_one(Job, body["request_id"]).state == "QUEUED"
+
+
 def test_health_and_readiness(client: FlaskClient) -> None:
     assert client.get("/healthz").get_json() == {"status": "ok"}
     ready = client.get("/readyz")
