@@ -5,12 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 def _settings() -> Settings:
@@ -213,6 +218,47 @@ def users_create(name: str, tenant: str | None, credit_text: str) -> None:
         f"{format_credits(amount)} credits; its API key (shown once):"
     )
     click.echo(key)
+
+
+@users.command("weight")
+@click.argument("name")
+@click.argument("weight", type=click.IntRange(1))
+def users_weight(name: str, weight: int) -> None:
+    """Set user NAME's fair-share WEIGHT among its tenant's users (default 1)."""
+    from shared.accounts import set_user_weight
+
+    _set_weight(set_user_weight, name, weight)
+    click.echo(f"user {name!r} now has fair-share weight {weight}")
+
+
+@main.group()
+def tenants() -> None:
+    """Manage tenants (teams)."""
+
+
+@tenants.command("weight")
+@click.argument("name")
+@click.argument("weight", type=click.IntRange(1))
+def tenants_weight(name: str, weight: int) -> None:
+    """Set tenant NAME's fair-share WEIGHT among tenants (default 1)."""
+    from shared.accounts import set_tenant_weight
+
+    _set_weight(set_tenant_weight, name, weight)
+    click.echo(f"tenant {name!r} now has fair-share weight {weight}")
+
+
+def _set_weight(setter: Callable[[Session, str, int], None], name: str, weight: int) -> None:
+    from shared.db import make_engine, make_session_factory, transaction
+    from shared.errors import FarmError
+
+    engine = make_engine(_settings().resolved_database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            setter(session, name, weight)
+    except FarmError as exc:
+        raise click.ClickException(exc.message) from exc
+    finally:
+        engine.dispose()
 
 
 @main.group()

@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Final
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared.errors import Conflict, NotFound, Unauthorized
@@ -81,3 +81,23 @@ def authenticate(session: Session, key: str | None) -> Principal:
     if row is None:
         raise Unauthorized("Invalid API key")
     return Principal(user_id=row.id, tenant_id=row.tenant_id, user_name=row.name)
+
+
+def set_user_weight(session: Session, name: str, weight: int) -> None:
+    """Set a user's fair-share weight among the users of its tenant."""
+    _set_weight(session, User, name, weight)
+
+
+def set_tenant_weight(session: Session, name: str, weight: int) -> None:
+    """Set a tenant's fair-share weight among tenants."""
+    _set_weight(session, Tenant, name, weight)
+
+
+def _set_weight(session: Session, model: type[User] | type[Tenant], name: str, weight: int) -> None:
+    if weight < 1:
+        raise ValueError("a fair-share weight is a whole number of at least 1")
+    updated = session.execute(
+        update(model).where(model.name == name).values(weight=weight).returning(model.id)
+    ).first()
+    if updated is None:
+        raise NotFound(f"No {model.__tablename__[:-1]} named {name!r}")

@@ -212,3 +212,25 @@ def test_workers_restarts_a_worker_killed_with_sigkill(
         assert launcher.wait(timeout=60) == 0
     with pytest.raises(ProcessLookupError):  # the launcher stopped its worker on the way out
         os.kill(second, 0)
+
+
+def test_fair_share_weights_are_set_from_the_command_line(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    from sqlalchemy import select
+
+    from shared.db import make_engine, make_session_factory, transaction
+    from shared.models import Tenant, User
+
+    cli(env, "users", "create", "dana", "--tenant", "vision")
+    assert "weight 3" in cli(env, "users", "weight", "dana", "3").stdout
+    assert "weight 2" in cli(env, "tenants", "weight", "vision", "2").stdout
+    engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'farm.db'}")
+    with transaction(make_session_factory(engine)) as session:
+        assert session.scalar(select(User.weight).where(User.name == "dana")) == 3
+        assert session.scalar(select(Tenant.weight).where(Tenant.name == "vision")) == 2
+    engine.dispose()
+    missing = cli(env, "tenants", "weight", "nobody", "2", check=False)
+    assert missing.returncode == 1 and "No tenant named 'nobody'" in missing.stderr
+    zero = cli(env, "users", "weight", "dana", "0", check=False)
+    assert zero.returncode == 2 and "0 is not in the range x>=1" in zero.stderr
