@@ -16,7 +16,7 @@ from api.context import farm
 from api.errors import problem
 from shared.db import transaction
 from shared.dispatch import estimate_wait_seconds, job_work, queue_place
-from shared.errors import InvalidParams
+from shared.errors import InvalidLink, InvalidParams
 from shared.events import (
     DISPATCH_LOCK_KEY,
     live_workers,
@@ -35,7 +35,7 @@ from shared.jobs import (
     submit_job,
 )
 from shared.ledger import get_balance
-from shared.links import ImageLink, InvalidLink, sign_image_link, signing_key, verify_image_link
+from shared.links import ImageLink, sign_image_link, signing_key, verify_image_link
 from shared.models import TERMINAL_STATES, Job, JobImage, JobState, utcnow
 from shared.params import KolorsParams, parse_params
 from shared.pricing import format_credits

@@ -76,6 +76,20 @@ class ResultsExpired(FarmError):
     title = "Gone"
 
 
+class InvalidLink(FarmError):
+    """A result link whose signature does not check out."""
+
+    status = 403
+    title = "Invalid link"
+
+
+class ExpiredLink(FarmError):
+    """A genuine result link past its expiry."""
+
+    status = 403
+    title = "Link expired"
+
+
 class StaleAttempt(FarmError):
     """A write carried an attempt number (fencing token) the job no longer has."""
 

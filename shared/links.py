@@ -16,25 +16,11 @@ from pathlib import Path
 
 from itsdangerous import BadSignature, URLSafeSerializer
 
-from shared.errors import FarmError
+from shared.errors import ExpiredLink, InvalidLink
 from shared.settings import Settings
 
 _SALT = "kolors-farm.result-image"
 KEY_FILE = "url-signing.key"
-
-
-class InvalidLink(FarmError):
-    """A result link whose signature does not check out."""
-
-    status = 403
-    title = "Invalid link"
-
-
-class ExpiredLink(FarmError):
-    """A genuine result link past its expiry."""
-
-    status = 403
-    title = "Link expired"
 
 
 @dataclass(frozen=True)

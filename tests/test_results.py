@@ -27,15 +27,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.launcher import free_port
 from shared.db import transaction
+from shared.errors import ExpiredLink, InvalidLink
 from shared.events import make_redis
 from shared.imaging import read_generation_record
 from shared.jobs import claim_job, finish_job, record_image, submit_job
 from shared.ledger import get_balance, ledger_balance
 from shared.links import (
     KEY_FILE,
-    ExpiredLink,
     ImageLink,
-    InvalidLink,
     sign_image_link,
     signing_key,
     verify_image_link,
@@ -496,7 +495,7 @@ def test_a_failing_cleanup_does_not_stop_dispatching(
     path = storage.root / f"{alice.principal.tenant_id}/{job_id}/0.webp"
     path.unlink()
     path.mkdir()  # a directory where the image was: deleting it fails
-    queued = client_submit(sessions, alice)
+    queued = queue_job(sessions, alice)
     dispatcher = Dispatcher(
         settings, sessions, make_redis(settings.require_redis_url()), make_celery(settings), storage
     )
@@ -506,7 +505,7 @@ def test_a_failing_cleanup_does_not_stop_dispatching(
         assert session.get_one(Job, job_id).results_deleted_at is None  # retried next time
 
 
-def client_submit(sessions: sessionmaker[Session], user: ApiUser) -> str:
+def queue_job(sessions: sessionmaker[Session], user: ApiUser) -> str:
     with transaction(sessions) as session:
         job = submit_job(session, user.principal, KolorsParams(prompt="x"), Decimal(1))
         return job.id

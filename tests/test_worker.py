@@ -49,13 +49,27 @@ def context(
     )
 
 
-def render(context: WorkerContext, user: ApiUser, **params: object) -> Job:
+def queue(
+    context: WorkerContext, user: ApiUser, *, deadline: timedelta | None = None, **params: object
+) -> str:
+    """Submit a small job (512x512, 4 steps unless overridden); its id."""
     fields = {"prompt": "a fox", "width": 512, "height": 512, "steps": 4, **params}
     with transaction(context.sessions) as session:
-        job = submit_job(session, user.principal, KolorsParams.model_validate(fields), Decimal(1))
-    run_render_job(context, job.id)
+        job = submit_job(
+            session,
+            user.principal,
+            KolorsParams.model_validate(fields),
+            Decimal(1),
+            deadline=deadline,
+        )
+        return job.id
+
+
+def render(context: WorkerContext, user: ApiUser, **params: object) -> Job:
+    job_id = queue(context, user, deadline=None, **params)
+    run_render_job(context, job_id)
     with transaction(context.sessions) as session:
-        job = session.get_one(Job, job.id)
+        job = session.get_one(Job, job_id)
         _ = job.images
         return job
 
@@ -157,13 +171,7 @@ def test_storage_failure_fails_the_job_and_releases_credits(
 def test_cancel_mid_render_stops_and_charges_only_delivered(
     context: WorkerContext, alice: ApiUser
 ) -> None:
-    with transaction(context.sessions) as session:
-        job = submit_job(
-            session,
-            alice.principal,
-            KolorsParams(prompt="x", width=512, height=512, steps=4, number_of_images=3),
-            Decimal(1),
-        )
+    job_id = queue(context, alice, number_of_images=3)
     calls = 0
     original = context.renderer.render
 
@@ -172,19 +180,19 @@ def test_cancel_mid_render_stops_and_charges_only_delivered(
         calls += 1
         if calls == 2:  # a cancel arrives while the second image renders
             with transaction(context.sessions) as session:
-                session.get_one(Job, job.id).cancel_requested = True
-            request_cancel(context.redis, job.id)
+                session.get_one(Job, job_id).cancel_requested = True
+            request_cancel(context.redis, job_id)
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
     context.renderer.render = render_then_cancel  # type: ignore[method-assign,assignment]
     try:
-        run_render_job(context, job.id)
+        run_render_job(context, job_id)
     finally:
         del context.renderer.render
     with transaction(context.sessions) as session:
-        done = session.get_one(Job, job.id)
+        done = session.get_one(Job, job_id)
         assert done.state == "CANCELLED"
-        assert list(session.scalars(select(JobImage.index).where(JobImage.job_id == job.id))) == [0]
+        assert list(session.scalars(select(JobImage.index).where(JobImage.job_id == job_id))) == [0]
         assert get_balance(session, alice.principal.user_id) == 10_000 - 40
     assert calls == 2
 
@@ -201,18 +209,11 @@ def test_a_message_for_a_finished_job_does_nothing(context: WorkerContext, alice
 def test_a_passed_deadline_stops_the_render_and_refunds(
     context: WorkerContext, alice: ApiUser
 ) -> None:
-    with transaction(context.sessions) as session:
-        job = submit_job(
-            session,
-            alice.principal,
-            KolorsParams(prompt="x", width=512, height=512, steps=4, number_of_images=2),
-            Decimal(1),
-            deadline=timedelta(milliseconds=1),
-        )
+    job_id = queue(context, alice, deadline=timedelta(milliseconds=1), number_of_images=2)
     time.sleep(0.01)
-    run_render_job(context, job.id)
+    run_render_job(context, job_id)
     with transaction(context.sessions) as session:
-        done = session.get_one(Job, job.id)
+        done = session.get_one(Job, job_id)
         assert (done.state, done.error, done.images_done) == ("CANCELLED", DEADLINE_ERROR, 0)
         assert get_balance(session, alice.principal.user_id) == 10_000
         assert ledger_balance(session, alice.principal.user_id) == 10_000
@@ -223,13 +224,7 @@ def test_a_worker_that_loses_its_lease_stops_and_writes_nothing_more(
 ) -> None:
     # Renewals every 0.1 s; a second attempt takes the job while the first renders.
     context.settings = context.settings.model_copy(update={"lease_s": 0.3})
-    with transaction(context.sessions) as session:
-        job = submit_job(
-            session,
-            alice.principal,
-            KolorsParams(prompt="x", width=512, height=512, steps=8, number_of_images=6),
-            Decimal(1),
-        )
+    job_id = queue(context, alice, steps=8, number_of_images=6)
 
     def take_over_once_running() -> None:
         deadline = time.monotonic() + 30
@@ -237,7 +232,7 @@ def test_a_worker_that_loses_its_lease_stops_and_writes_nothing_more(
             with transaction(context.sessions) as session:
                 taken = session.execute(
                     update(Job)
-                    .where(Job.id == job.id, Job.state == "RUNNING", Job.images_done >= 1)
+                    .where(Job.id == job_id, Job.state == "RUNNING", Job.images_done >= 1)
                     .values(attempt=Job.attempt + 1, worker="another")
                     .returning(Job.id)
                 ).first()
@@ -247,17 +242,17 @@ def test_a_worker_that_loses_its_lease_stops_and_writes_nothing_more(
 
     thief = threading.Thread(target=take_over_once_running)
     thief.start()
-    run_render_job(context, job.id)
+    run_render_job(context, job_id)
     thief.join()
     with transaction(context.sessions) as session:
-        after = session.get_one(Job, job.id)
+        after = session.get_one(Job, job_id)
         # Still RUNNING under attempt 2: attempt 1 neither finished nor failed it.
         assert (after.state, after.attempt, after.worker) == ("RUNNING", 2, "another")
-        delivered = list(session.scalars(select(JobImage.attempt).where(JobImage.job_id == job.id)))
+        delivered = list(session.scalars(select(JobImage.attempt).where(JobImage.job_id == job_id)))
         assert set(delivered) == {1} and 1 <= len(delivered) < 6
         assert after.images_done == len(delivered)
         captures = session.scalar(
-            select(func.count()).where(LedgerEntry.job_id == job.id, LedgerEntry.kind == "capture")
+            select(func.count()).where(LedgerEntry.job_id == job_id, LedgerEntry.kind == "capture")
         )
         assert captures == len(delivered)
 
