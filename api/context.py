@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import redis
 from flask import current_app
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
 
-from shared.settings import Settings
-from shared.storage import ResultStorage
+from shared.resources import Resources
 
 EXTENSION_KEY = "kolors_farm"
 
 
-@dataclass
-class FarmContext:
-    """Long-lived clients, built once by the app factory."""
-
-    settings: Settings
-    engine: Engine
-    sessions: sessionmaker[Session]
-    redis: redis.Redis
-    storage: ResultStorage
-
-
-def farm() -> FarmContext:
-    """The current app's farm context."""
-    context: FarmContext = current_app.extensions[EXTENSION_KEY]
-    return context
+def farm() -> Resources:
+    """The current app's resources."""
+    resources: Resources = current_app.extensions[EXTENSION_KEY]
+    return resources

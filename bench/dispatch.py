@@ -35,7 +35,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from api.launcher import free_port  # noqa: E402
+from control.processes import free_port  # noqa: E402
 from worker.tiny import build_tiny_checkpoint  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def start_farm(data_dir: Path, model_dir: Path, port: int) -> subprocess.Popen[b
     data_dir.mkdir(parents=True, exist_ok=True)
     log = (data_dir / "farm.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api", "up", "--port", str(port), "--workers", "1"],
+        [sys.executable, "-m", "control", "up", "--port", str(port), "--workers", "1"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -99,7 +99,7 @@ def start_farm(data_dir: Path, model_dir: Path, port: int) -> subprocess.Popen[b
 def create_user(data_dir: Path) -> str:
     env = dict(os.environ, KOLORS_FARM_DATA_DIR=str(data_dir), PYTHONPATH=str(REPO))
     out = subprocess.run(
-        [sys.executable, "-m", "api", "users", "create", "bench", "--credits", "100000"],
+        [sys.executable, "-m", "control", "users", "create", "bench", "--credits", "100000"],
         env=env,
         capture_output=True,
         text=True,

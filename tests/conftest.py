@@ -21,11 +21,15 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from api.launcher import free_port, redis_argv, redis_server_binary
+from control.launcher import redis_argv, redis_server_binary
+from control.processes import free_port
 from shared.accounts import Principal, create_user
 from shared.db import make_engine, make_session_factory, transaction
+from shared.events import make_redis
 from shared.migrate import migrate_database
+from shared.resources import Resources
 from shared.settings import Settings
+from shared.storage import ResultStorage, make_storage
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "KOLORS_FARM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -195,3 +199,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def have_redis_binary() -> bool:
     return shutil.which("redis-server") is not None
+
+
+def resources_for(
+    settings: Settings, sessions: sessionmaker[Session], storage: ResultStorage | None = None
+) -> Resources:
+    """The process resources of `settings`, on a test's own session factory (and storage)."""
+    engine = sessions.kw["bind"]
+    assert isinstance(engine, Engine)
+    return Resources(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        redis=make_redis(settings.require_redis_url()),
+        storage=storage or make_storage(settings.resolved_storage_url),
+    )

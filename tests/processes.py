@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import httpx
 
-from api.launcher import free_port
+from control.processes import ChildSpec, Supervisor, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -41,20 +41,28 @@ def wait_for(
 
 @dataclass
 class FarmProcesses:
-    """The farm's processes, started and stopped one by one."""
+    """The farm's processes, started and stopped one by one (a test's kill is never undone)."""
 
     env: dict[str, str]
     logs: Path
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    supervisor: Supervisor = field(default_factory=lambda: Supervisor(restart=False))
     api_url: str | None = None
 
+    @property
+    def procs(self) -> dict[str, subprocess.Popen[bytes]]:
+        """Each started child's current process, by name."""
+        return {
+            name: child.proc
+            for name, child in self.supervisor.children.items()
+            if child.proc is not None
+        }
+
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            [sys.executable, *argv], env=self.env, stdout=log, stderr=subprocess.STDOUT
+        child = self.supervisor.start(
+            ChildSpec(name, [sys.executable, *argv], self.env, log_path=self.logs / f"{name}.log")
         )
-        self.procs[name] = proc
-        return proc
+        assert child.proc is not None
+        return child.proc
 
     def start_worker(self, name: str) -> subprocess.Popen[bytes]:
         """A render worker process on the CPU."""
@@ -62,12 +70,12 @@ class FarmProcesses:
 
     def start_dispatcher(self, name: str = "dispatcher") -> subprocess.Popen[bytes]:
         """A dispatcher process."""
-        return self._start(name, ["-m", "api", "dispatcher"])
+        return self._start(name, ["-m", "control", "dispatcher"])
 
     def start_api(self) -> str:
         """The API under gunicorn; returns its URL once it answers."""
         port = free_port()
-        self._start("api", ["-m", "api", "api", "--port", str(port), "--threads", "64"])
+        self._start("api", ["-m", "api", "--port", str(port), "--threads", "64"])
         self.api_url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _answers(f"{self.api_url}/healthz"), 60, "the API to answer")
         return self.api_url
@@ -75,7 +83,7 @@ class FarmProcesses:
     def cli(self, *args: str) -> str:
         """Run `kolors-farm ARGS` against this farm; its stdout."""
         return subprocess.run(
-            [sys.executable, "-m", "api", *args],
+            [sys.executable, "-m", "control", *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -98,19 +106,15 @@ class FarmProcesses:
 
         def ready() -> bool:
             for name in names:
-                proc = self.procs[name]
-                exited = proc.poll()
+                exited = self.procs[name].poll()
                 assert exited is None, f"{name} exited with {exited}: {self.log(name)}"
             return names <= set(live_workers(client))
 
         wait_for(ready, timeout_s, f"workers {sorted(names)}", interval_s=0.2)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Send `sig` to a child and reap it."""
-        proc = self.procs[name]
-        proc.send_signal(sig)
-        if sig in (signal.SIGKILL, signal.SIGTERM):
-            proc.wait(timeout=30)
+        """Send `sig` to a child (and reap it, for SIGKILL and SIGTERM)."""
+        self.supervisor.signal(name, sig)
 
     def log(self, name: str) -> str:
         """What a child wrote so far."""
@@ -119,15 +123,7 @@ class FarmProcesses:
 
     def stop_all(self) -> None:
         """SIGTERM every child, then SIGKILL the ones that linger."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        self.supervisor.stop(grace_s=20)
 
 
 def _answers(url: str) -> bool:

@@ -1,4 +1,9 @@
-"""Boundaries: the domain imports no web or ML framework; the API never imports the worker."""
+"""Boundaries: the domain imports no web or ML framework; HTTP, processes and rendering stay apart.
+
+`api` is HTTP only; `control` (the CLI, `up`, the supervisor, the dispatcher)
+starts the API and the workers as processes and imports neither; only `worker`
+imports torch.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+ML = {"torch", "diffusers", "transformers"}
 FORBIDDEN = {
-    "shared": {"flask", "werkzeug", "torch", "diffusers", "transformers", "api", "worker"},
-    "api": {"torch", "diffusers", "transformers", "worker"},
+    "shared": {"flask", "werkzeug", "api", "control", "worker", *ML},
+    "api": {"control", "worker", *ML},
+    "control": {"flask", "werkzeug", "gunicorn", "api", "worker", *ML},
+    "worker": {"flask", "werkzeug", "api", "control"},
 }
 
 

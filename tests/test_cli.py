@@ -12,14 +12,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.launcher import free_port, worker_plan
+from control.processes import free_port
+from control.workers import worker_plan
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "api", *args],
+        [sys.executable, "-m", "control", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -126,7 +127,7 @@ def test_up_runs_the_whole_farm_and_stops_every_child(
     port = free_port()
     farm_env = dict(env, KOLORS_FARM_MODEL=str(tiny_model_dir))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api", "up", "--port", str(port)],
+        [sys.executable, "-m", "control", "up", "--port", str(port)],
         env=farm_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -190,7 +191,7 @@ def test_workers_restarts_a_worker_killed_with_sigkill(
         "CUDA_VISIBLE_DEVICES": "",
     }
     client = make_redis(redis_url)
-    launcher = subprocess.Popen([sys.executable, "-m", "api", "workers"], env=env)
+    launcher = subprocess.Popen([sys.executable, "-m", "control", "workers"], env=env)
 
     def worker_pid() -> int | None:
         workers = live_workers(client)

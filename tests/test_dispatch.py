@@ -14,7 +14,7 @@ from celery import Celery
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.dispatcher import Dispatcher
+from control.dispatcher import Dispatcher
 from shared.db import transaction
 from shared.dispatch import (
     DEADLINE_ERROR,
@@ -35,8 +35,7 @@ from shared.models import Job, JobState, LedgerEntry, LedgerKind, utcnow
 from shared.params import KolorsParams
 from shared.queue import RENDER_QUEUE, make_celery
 from shared.settings import Settings
-from shared.storage import make_storage
-from tests.conftest import ApiUser, make_user
+from tests.conftest import ApiUser, make_user, resources_for
 
 ONE = Decimal("1")
 LEASE = timedelta(minutes=5)
@@ -510,7 +509,7 @@ def make_dispatcher(
     **overrides: Any,
 ) -> Dispatcher:
     tuned = settings.model_copy(update={"dispatch_margin": 2, **overrides})
-    return Dispatcher(tuned, sessions, client, celery, make_storage(tuned.resolved_storage_url))
+    return Dispatcher(resources_for(tuned, sessions), celery)
 
 
 def released_ids(sessions: sessionmaker[Session]) -> list[str]:

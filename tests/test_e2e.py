@@ -4,9 +4,6 @@ the API under gunicorn, driven over HTTP and through the official `segmind` SDK.
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,8 +14,8 @@ import pytest
 import segmind
 from PIL import Image
 
-from api.launcher import free_port
 from tests.conftest import RedisServer
+from tests.processes import FarmProcesses, farm_env
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
@@ -42,36 +39,10 @@ class Farm:
     """A running farm and how to reach it."""
 
     url: str
-    env: dict[str, str]
-
-    def cli(self, *args: str) -> str:
-        result = subprocess.run(
-            [sys.executable, "-m", "api", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
-        return result.stdout
+    processes: FarmProcesses
 
     def create_user(self, name: str, credits: str) -> str:
-        return self.cli("users", "create", name, "--credits", credits).strip().splitlines()[-1]
-
-
-def _wait_until_ready(url: str, procs: list[subprocess.Popen[bytes]]) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        for proc in procs:
-            assert proc.poll() is None, f"{proc.args!r} exited with {proc.returncode}"
-        try:
-            body = httpx.get(f"{url}/readyz", timeout=2).json()
-            if body.get("ready") and body.get("workers"):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError("the farm did not become ready")
+        return self.processes.create_user(name, credits)
 
 
 @pytest.fixture(scope="module")
@@ -79,51 +50,23 @@ def farm(
     redis_server: RedisServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Farm]:
     data_dir = tmp_path_factory.mktemp("farm")
-    port = free_port()
-    env = dict(
-        os.environ,
-        KOLORS_FARM_DATA_DIR=str(data_dir),
-        KOLORS_FARM_REDIS_URL=redis_server.url.replace("/0", "/3"),
-        KOLORS_FARM_MODEL=str(tiny_model_dir),
-        KOLORS_FARM_SYNC_TIMEOUT_S="120",
-        KOLORS_FARM_DEVICE="cpu",
-        PYTHONPATH=str(REPO),
+    env = farm_env(
+        data_dir,
+        f"sqlite:///{data_dir / 'farm.db'}",
+        redis_server.url.replace("/0", "/3"),
+        tiny_model_dir,
+        sync_timeout_s="120",
     )
-    subprocess.run([sys.executable, "-m", "api", "migrate"], env=env, check=True, timeout=120)
-    logs = data_dir / "logs"
-    logs.mkdir()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "worker", "worker", "--name", "e2e-cpu0"],
-            env=env,
-            stdout=(logs / "worker.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        ),
-        subprocess.Popen(
-            [sys.executable, "-m", "api", "dispatcher"],
-            env=env,
-            stdout=(logs / "dispatcher.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        ),
-        subprocess.Popen(
-            [sys.executable, "-m", "api", "api", "--port", str(port)],
-            env=env,
-            stdout=(logs / "api.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        ),
-    ]
+    processes = FarmProcesses(env=env, logs=data_dir / "logs")
+    processes.cli("migrate")
     try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_until_ready(url, procs)
-        yield Farm(url=url, env=env)
+        processes.start_worker("e2e-cpu0")
+        processes.start_dispatcher()
+        url = processes.start_api()
+        processes.wait_for_workers({"e2e-cpu0"})
+        yield Farm(url=url, processes=processes)
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        processes.stop_all()
 
 
 def credits_of(farm: Farm, key: str) -> str:

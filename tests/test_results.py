@@ -25,7 +25,7 @@ from PIL import Image
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.launcher import free_port
+from control.processes import free_port
 from shared.db import transaction
 from shared.errors import ExpiredLink, InvalidLink
 from shared.events import make_redis
@@ -43,7 +43,7 @@ from shared.models import Job, JobImage
 from shared.params import KolorsParams
 from shared.settings import Settings
 from shared.storage import LocalStorage, ObjectMissing, S3Storage, make_storage
-from tests.conftest import ApiUser, make_user
+from tests.conftest import ApiUser, make_user, resources_for
 from worker.pipeline import KolorsRenderer
 from worker.service import WorkerContext, run_render_job
 
@@ -179,7 +179,7 @@ def test_expired_results_answer_410_and_cleanup_deletes_them(
     storage: LocalStorage,
     settings: Settings,
 ) -> None:
-    from api.dispatcher import Dispatcher
+    from control.dispatcher import Dispatcher
     from shared.queue import make_celery
 
     job_id = delivered_job(sessions, alice, storage)
@@ -199,9 +199,7 @@ def test_expired_results_answer_410_and_cleanup_deletes_them(
         response = client.get(path, headers=alice.headers)
         assert response.status_code == 410, path
         assert "expired" in response.get_json()["error"]
-    dispatcher = Dispatcher(
-        settings, sessions, make_redis(settings.require_redis_url()), make_celery(settings), storage
-    )
+    dispatcher = Dispatcher(resources_for(settings, sessions, storage), make_celery(settings))
     assert dispatcher.delete_expired_results() == [job_id]
     assert dispatcher.delete_expired_results() == []  # done once
     with pytest.raises(ObjectMissing):
@@ -482,7 +480,7 @@ def test_the_farm_serves_results_from_s3_through_presigned_links(
 def test_a_failing_cleanup_does_not_stop_dispatching(
     alice: ApiUser, sessions: sessionmaker[Session], storage: LocalStorage, settings: Settings
 ) -> None:
-    from api.dispatcher import Dispatcher
+    from control.dispatcher import Dispatcher
     from shared.queue import make_celery
 
     job_id = delivered_job(sessions, alice, storage)
@@ -496,9 +494,7 @@ def test_a_failing_cleanup_does_not_stop_dispatching(
     path.unlink()
     path.mkdir()  # a directory where the image was: deleting it fails
     queued = queue_job(sessions, alice)
-    dispatcher = Dispatcher(
-        settings, sessions, make_redis(settings.require_redis_url()), make_celery(settings), storage
-    )
+    dispatcher = Dispatcher(resources_for(settings, sessions, storage), make_celery(settings))
     report = dispatcher.run_pass()
     assert report.released == [queued] and report.deleted == []
     with transaction(sessions) as session:

@@ -10,11 +10,10 @@ import threading
 
 from celery import Celery
 
-from shared.db import make_engine, make_session_factory
-from shared.events import make_redis, record_heartbeat, worker_key
+from shared.events import record_heartbeat, worker_key
 from shared.queue import RENDER_QUEUE, RENDER_TASK, make_celery
+from shared.resources import open_resources
 from shared.settings import Settings
-from shared.storage import make_storage
 from worker.pipeline import KolorsRenderer
 from worker.service import WorkerContext, run_render_job
 
@@ -59,13 +58,13 @@ def run_worker(settings: Settings, device: str | None, name: str | None) -> int:
         # Celery would swallow this in a signal handler; failing here keeps the process honest.
         log.exception("could not load the Kolors pipeline (KOLORS_FARM_MODEL=%s)", settings.model)
         return 1
-    engine = make_engine(settings.resolved_database_url)
+    resources = open_resources(settings)
     context = WorkerContext(
         name=name,
         settings=settings,
-        sessions=make_session_factory(engine),
-        redis=make_redis(settings.require_redis_url()),
-        storage=make_storage(settings.resolved_storage_url),
+        sessions=resources.sessions,
+        redis=resources.redis,
+        storage=resources.storage,
         renderer=renderer,
     )
     app = make_celery(settings)

@@ -26,9 +26,8 @@ from celery import Celery
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import LockError
 from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
 
-from shared.db import make_engine, make_session_factory, transaction
+from shared.db import transaction
 from shared.dispatch import (
     current_load,
     enforce_deadlines,
@@ -42,15 +41,14 @@ from shared.events import (
     DISPATCH_LOCK_KEY,
     announce_job_finished,
     live_workers,
-    make_redis,
     request_cancel,
     wait_for_wake,
 )
 from shared.jobs import expired_results, mark_results_deleted
 from shared.models import JobState, utcnow
 from shared.queue import RENDER_QUEUE, make_celery, publish_render
+from shared.resources import Resources, open_resources
 from shared.settings import Settings
-from shared.storage import ResultStorage, make_storage
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +68,12 @@ class PassReport:
 class Dispatcher:
     """Release and recovery passes against one database, Redis and broker."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        sessions: sessionmaker[Session],
-        client: redis.Redis,
-        celery: Celery,
-        storage: ResultStorage,
-    ) -> None:
-        self.settings = settings
-        self.sessions = sessions
-        self.redis = client
+    def __init__(self, resources: Resources, celery: Celery) -> None:
+        self.settings = resources.settings
+        self.sessions = resources.sessions
+        self.redis = resources.redis
         self.celery = celery
-        self.storage = storage
+        self.storage = resources.storage
         self._next_cleanup = 0.0
 
     def run_pass(self, recover: bool = True) -> PassReport:
@@ -189,15 +180,9 @@ def run_dispatcher(settings: Settings, stop: threading.Event | None = None) -> i
 
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
-    engine = make_engine(settings.resolved_database_url)
-    client = make_redis(settings.require_redis_url())
-    dispatcher = Dispatcher(
-        settings,
-        make_session_factory(engine),
-        client,
-        make_celery(settings),
-        make_storage(settings.resolved_storage_url),
-    )
+    resources = open_resources(settings)
+    client = resources.redis
+    dispatcher = Dispatcher(resources, make_celery(settings))
     lock_ttl = max(5.0, 3 * settings.dispatch_interval_s)
     lock = client.lock(DISPATCH_LOCK_KEY, timeout=lock_ttl)
     token = _leader_token()
@@ -228,7 +213,7 @@ def run_dispatcher(settings: Settings, stop: threading.Event | None = None) -> i
     if leading:
         with contextlib.suppress(LockError, redis.RedisError):
             lock.release()
-    engine.dispose()
+    resources.close()
     log.info("dispatcher %s stopped", token)
     return 0
 

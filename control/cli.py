@@ -42,9 +42,9 @@ def _credits(value: str) -> int:
     return amount
 
 
-def _exec_worker_module(*args: str) -> None:
-    # The API side never imports the worker package (it pulls in torch); hand over the process.
-    argv = [sys.executable, "-m", "worker", *args]
+def _exec_module(module: str, *args: str) -> None:
+    # This package imports neither the HTTP views nor the worker (torch): hand the process over.
+    argv = [sys.executable, "-m", module, *args]
     os.execv(sys.executable, argv)  # noqa: S606 - our own interpreter, no shell
 
 
@@ -73,7 +73,7 @@ def up(host: str, port: int, cpu_workers: int) -> None:
     Applies migrations, starts a private Redis when KOLORS_FARM_REDIS_URL is unset,
     one worker per visible CUDA device (else --workers CPU workers), and the API.
     """
-    from api.launcher import run_farm
+    from control.launcher import run_farm
 
     _configure_logging()
     sys.exit(run_farm(_settings(), host=host, port=port, cpu_workers=cpu_workers))
@@ -97,11 +97,18 @@ def up(host: str, port: int, cpu_workers: int) -> None:
     help="Threads per process (each synchronous request holds one while it waits).",
 )
 def api(host: str, port: int, processes: int, threads: int) -> None:
-    """Serve the HTTP API."""
-    from api.server import serve
-
-    _configure_logging()
-    serve(_settings(), host, port, processes, threads)
+    """Serve the HTTP API (gunicorn, threaded workers)."""
+    _exec_module(
+        "api",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+    )
 
 
 @main.command()
@@ -124,8 +131,7 @@ def workers(devices: str | None, cpu_workers: int) -> None:
     """
     import socket
 
-    from api.launcher import visible_cuda_devices, worker_plan
-    from api.supervisor import run_workers, select_devices
+    from control.workers import run_workers, select_devices, visible_cuda_devices, worker_plan
 
     _configure_logging()
     visible = visible_cuda_devices()
@@ -143,7 +149,7 @@ def dispatcher() -> None:
 
     Run one or more (one is active at a time; the others stand by).
     """
-    from api.dispatcher import run_dispatcher
+    from control.dispatcher import run_dispatcher
 
     _configure_logging()
     sys.exit(run_dispatcher(_settings()))
@@ -161,7 +167,7 @@ def worker(device: str | None, name: str | None) -> None:
         args += ["--device", device]
     if name:
         args += ["--name", name]
-    _exec_worker_module(*args)
+    _exec_module("worker", *args)
 
 
 @main.command()
@@ -179,7 +185,7 @@ def migrate() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def tiny_model(directory: Path) -> None:
     """Write a tiny random-weight Kolors checkpoint (its images are noise) to DIRECTORY."""
-    _exec_worker_module("tiny-model", str(directory))
+    _exec_module("worker", "tiny-model", str(directory))
 
 
 @main.group()
