@@ -10,7 +10,7 @@ from flask import Response, g, request
 
 from api.context import farm
 from shared.accounts import Principal, authenticate
-from shared.db import transaction
+from shared.db import read_only
 from shared.ledger import get_balance
 from shared.pricing import format_credits
 
@@ -31,7 +31,7 @@ def authenticated(view: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(view)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with transaction(farm().sessions) as session:
+        with read_only(farm().sessions) as session:
             g.principal = authenticate(session, _presented_key())
         return view(*args, **kwargs)
 
@@ -52,7 +52,7 @@ def add_remaining_credits(response: Response) -> Response:
     balance: int | None = g.get("balance")
     if balance is None:
         try:
-            with transaction(farm().sessions) as session:
+            with read_only(farm().sessions) as session:
                 balance = get_balance(session, principal.user_id)
         except Exception:
             return response

@@ -14,8 +14,7 @@ from sqlalchemy import text
 from api.auth import authenticated, current_principal
 from api.context import farm
 from api.errors import problem
-from shared.db import transaction
-from shared.dispatch import estimate_wait_seconds, job_work, queue_place
+from shared.db import read_only, transaction
 from shared.errors import InvalidLink, InvalidParams
 from shared.events import (
     DISPATCH_LOCK_KEY,
@@ -26,19 +25,21 @@ from shared.events import (
     wait_for_job,
     wake_dispatcher,
 )
-from shared.jobs import (
-    cancel_job,
-    ensure_results_retained,
-    get_job,
-    job_state,
-    public_status,
-    submit_job,
-)
 from shared.ledger import get_balance
 from shared.links import ImageLink, sign_image_link, signing_key, verify_image_link
 from shared.models import TERMINAL_STATES, Job, JobImage, JobState, utcnow
 from shared.params import KolorsParams, parse_params
 from shared.pricing import format_credits
+from shared.queries import (
+    ensure_results_retained,
+    estimate_wait_seconds,
+    get_job,
+    job_state,
+    job_work,
+    public_status,
+    queue_place,
+)
+from shared.transitions import cancel_job, submit_job
 
 log = logging.getLogger(__name__)
 bp = Blueprint("kolors", __name__)
@@ -134,7 +135,7 @@ def _job_urls(job_id: str) -> dict[str, str]:
 
 
 def _load_job(job_id: str) -> Job:
-    with transaction(farm().sessions) as session:
+    with read_only(farm().sessions) as session:
         job = get_job(session, current_principal(), job_id)
         _ = job.images  # load while the session is open
         return job
@@ -165,7 +166,7 @@ def kolors_sync() -> Response:
     context = farm()
 
     def finished() -> bool:
-        with transaction(context.sessions) as session:
+        with read_only(context.sessions) as session:
             return job_state(session, job.id) in TERMINAL_STATES
 
     if not wait_for_job(context.redis, job.id, finished, context.settings.sync_timeout_s):
@@ -214,7 +215,7 @@ def kolors_async() -> tuple[Response, int]:
 def job_status(job_id: str) -> Response:
     """The job's state, progress, queue position and ETA; FAILED is served with 422."""
     context = farm()
-    with transaction(context.sessions) as session:
+    with read_only(context.sessions) as session:
         job = get_job(session, current_principal(), job_id)
         place = queue_place(session, job) if job.state == JobState.QUEUED.value else None
     body: dict[str, Any] = {
@@ -235,7 +236,7 @@ def job_status(job_id: str) -> Response:
     if job.state in (JobState.QUEUED.value, JobState.RUNNING.value):
         workers = live_workers(context.redis)
         speeds = list(render_speeds(context.redis, workers).values())
-        own_work = job_work(job.params, job.number_of_images)
+        own_work = job_work(job)
         if place is not None:
             body["queue_position"] = place.position
             eta = estimate_wait_seconds(place.work_ahead, own_work, speeds, len(workers))
@@ -333,7 +334,7 @@ def job_image(job_id: str, index: int) -> Response:
 def result_image(token: str) -> Response:
     """One image through a signed, expiring link (no API key: the link is the credential)."""
     link = verify_image_link(signing_key(farm().settings), token)
-    with transaction(farm().sessions) as session:
+    with read_only(farm().sessions) as session:
         job = session.get(Job, link.job_id)
         if job is None or job.tenant_id != link.tenant_id:
             raise InvalidLink("This link is not valid")
@@ -370,7 +371,7 @@ def job_cancel(job_id: str) -> Response:
 @authenticated
 def user_credits() -> Response:
     """The caller's spendable credits."""
-    with transaction(farm().sessions) as session:
+    with read_only(farm().sessions) as session:
         g.balance = get_balance(session, current_principal().user_id)
     return jsonify({"credits": format_credits(g.balance)})
 

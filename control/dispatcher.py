@@ -27,16 +27,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import LockError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from shared.db import transaction
-from shared.dispatch import (
-    current_load,
-    enforce_deadlines,
-    recover_expired_leases,
-    release_next_jobs,
-    stale_releases,
-    touch_release,
-    unrelease_job,
-)
+from shared.db import read_only, transaction
 from shared.events import (
     DISPATCH_LOCK_KEY,
     announce_job_finished,
@@ -44,11 +35,19 @@ from shared.events import (
     request_cancel,
     wait_for_wake,
 )
-from shared.jobs import expired_results, mark_results_deleted
 from shared.models import JobState, utcnow
+from shared.queries import current_load, expired_results, next_in_fair_order, stale_releases
 from shared.queue import RENDER_QUEUE, make_celery, publish_render
 from shared.resources import Resources, open_resources
 from shared.settings import Settings
+from shared.transitions import (
+    enforce_deadlines,
+    mark_results_deleted,
+    recover_expired_leases,
+    release_jobs,
+    touch_release,
+    unrelease_job,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,7 @@ class Dispatcher:
 
     def delete_expired_results(self, batch: int = 200) -> list[str]:
         """Delete the stored images of jobs past retention, then mark them deleted."""
-        with transaction(self.sessions) as session:
+        with read_only(self.sessions) as session:
             expired = expired_results(session, batch)
         for job_id, keys in expired.items():
             for key in keys:
@@ -130,13 +129,13 @@ class Dispatcher:
 
     def _republish_lost(self, report: PassReport) -> None:
         """Publish again the released jobs whose messages the broker no longer holds."""
-        with transaction(self.sessions) as session:
+        with read_only(self.sessions) as session:
             load = current_load(session)
         missing = load.released - self._broker_depth()
         if missing <= 0:
             return
         cutoff = utcnow() - timedelta(seconds=self.settings.redispatch_after_s)
-        with transaction(self.sessions) as session:
+        with read_only(self.sessions) as session:
             lost = stale_releases(session, cutoff, missing)
         for job_id in lost:
             publish_render(self.celery, job_id)
@@ -151,10 +150,16 @@ class Dispatcher:
 
     def _release(self, report: PassReport) -> None:
         workers = len(live_workers(self.redis))
-        with transaction(self.sessions) as session:
+        # Decide on a snapshot (the only writer of releases is this process), then
+        # write: SQLite's write lock is held only for the release itself.
+        with read_only(self.sessions) as session:
             load = current_load(session)
             slots = workers + self.settings.dispatch_margin - load.running - load.released
-            released = release_next_jobs(session, slots, self.settings.max_running_per_user)
+            picked = next_in_fair_order(session, slots, self.settings.max_running_per_user)
+        if not picked:
+            return
+        with transaction(self.sessions) as session:
+            released = release_jobs(session, picked)
         for job_id in released:
             try:
                 publish_render(self.celery, job_id)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from shared.errors import Conflict, NotFound, Unauthorized
 from shared.ledger import grant_credits
-from shared.models import ApiKey, Tenant, User
+from shared.models import ApiKey, Tenant, User, UserQueue
 
 KEY_PREFIX: Final = "kf_"
 
@@ -49,6 +49,7 @@ def create_user(session: Session, name: str, tenant_name: str, credits: int) -> 
     user = User(name=name, tenant_id=tenant.id, balance=0)
     session.add(user)
     session.flush()
+    session.add(UserQueue(user_id=user.id, tenant_id=tenant.id))
     if credits > 0:
         grant_credits(session, user.id, credits, note="initial credits")
     return user, create_api_key(session, user.id)

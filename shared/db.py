@@ -12,6 +12,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Execution option marking a read-only transaction (see `read_only`).
+READ_ONLY_OPTION = "kolors_farm_read_only"
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -36,6 +38,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
+        if connection.get_execution_options().get(READ_ONLY_OPTION):
+            # WAL readers see a snapshot and never wait for, or hold up, a writer.
+            connection.exec_driver_sql("BEGIN DEFERRED")
+            return
         # A deferred transaction that reads and then writes cannot wait for the
         # write lock (SQLite answers SQLITE_BUSY at once); IMMEDIATE takes it up
         # front, so the busy timeout applies and concurrent writers queue.
@@ -53,4 +59,13 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One short unit of work: commit on success, roll back on error, always close."""
     with factory.begin() as session:
+        yield session
+
+
+@contextmanager
+def read_only(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A transaction that only reads: on SQLite it never takes the write lock."""
+    # Closing (not rolling back) ends the transaction and keeps loaded objects readable.
+    with factory() as session:
+        session.connection(execution_options={READ_ONLY_OPTION: True})
         yield session

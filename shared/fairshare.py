@@ -14,8 +14,9 @@ tests all call the same code.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Mapping
+import heapq
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from fractions import Fraction
@@ -31,6 +32,8 @@ class QueuedJob:
     created_at: datetime
     # Work: pixels x steps x images, in units of one 1024x1024 image at one step.
     work: float = 0.0
+    # Its number in its user's line (the database keeps a user's waiting jobs consecutive).
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,3 +86,393 @@ def pick_for_release(
         in_flight[job.user_id] = in_flight.get(job.user_id, 0) + 1
         picked.append(job)
     return picked
+
+
+# ---------------------------------------------------------------------------
+# The same policy computed from each user's line instead of every queued job.
+#
+# A user's k-th waiting job has the virtual time (in_flight + k) / weight, so
+# the policy needs of each active user only its counts, weights and its first
+# and last waiting job; the jobs behind the first are fetched only when the
+# order actually reaches them. `FairMerge` yields exactly `fair_order`'s
+# sequence and `jobs_ahead` counts exactly the jobs `fair_order` puts before a
+# given job; the property tests check both against `fair_order`.
+
+JobKey = tuple[datetime, str]  # (created_at, job_id): how ties are broken
+
+
+def job_key(job: QueuedJob) -> JobKey:
+    """The tie-break of a job: older first, then the smaller id."""
+    return (job.created_at, job.job_id)
+
+
+@dataclass(frozen=True)
+class UserLine:
+    """One user's line: weights, jobs waiting and in flight, its first and last waiting job."""
+
+    user_id: int
+    tenant_id: int
+    weight: int = 1
+    tenant_weight: int = 1
+    waiting: int = 0
+    in_flight: int = 0
+    waiting_work: float = 0.0
+    head: QueuedJob | None = None
+    tail: QueuedJob | None = None
+    head_seq: int = 0
+
+    @property
+    def mean_work(self) -> float:
+        """The mean work of the waiting jobs."""
+        return self.waiting_work / self.waiting if self.waiting else 0.0
+
+
+# The user's waiting jobs after `after`, first in first out, at most `limit` of them.
+FetchNext = Callable[[UserLine, QueuedJob, int], Sequence[QueuedJob]]
+
+
+def share_state(lines: Iterable[UserLine]) -> ShareState:
+    """What is in flight per tenant and user, and the weights, as `fair_order` takes them."""
+    tenant_active: Counter[int] = Counter()
+    user_active: dict[int, int] = {}
+    tenant_weight: dict[int, int] = {}
+    user_weight: dict[int, int] = {}
+    for line in lines:
+        tenant_active[line.tenant_id] += line.in_flight
+        user_active[line.user_id] = line.in_flight
+        tenant_weight[line.tenant_id] = line.tenant_weight
+        user_weight[line.user_id] = line.weight
+    return ShareState(dict(tenant_active), user_active, tenant_weight, user_weight)
+
+
+class _Cursor:
+    """A merge's position in one user's line; fetches the jobs behind the head on demand."""
+
+    def __init__(self, line: UserLine, fetch_next: FetchNext, batch: int) -> None:
+        self.line = line
+        self.taken = 0
+        self._buffer: deque[QueuedJob] = deque([line.head] if line.head else [])
+        self._last: QueuedJob | None = None
+        self._fetch_next = fetch_next
+        self._batch = batch
+
+    def peek(self) -> QueuedJob | None:
+        if self.taken >= self.line.waiting:
+            return None
+        if not self._buffer and self._last is not None:
+            self._buffer.extend(self._fetch_next(self.line, self._last, self._batch))
+        return self._buffer[0] if self._buffer else None
+
+    def pop(self) -> QueuedJob:
+        job = self._buffer.popleft()
+        self._last = job
+        self.taken += 1
+        return job
+
+    def key(self) -> tuple[Fraction, datetime, str, int] | None:
+        """Heap key of the next job: its virtual time in the tenant, then its age."""
+        job = self.peek()
+        if job is None:
+            return None
+        vt = Fraction(self.line.in_flight + self.taken + 1, max(1, self.line.weight))
+        return (vt, job.created_at, job.job_id, self.line.user_id)
+
+
+class FairMerge:
+    """The waiting jobs in `fair_order`'s order, produced lazily from the users' lines."""
+
+    def __init__(self, lines: Iterable[UserLine], fetch_next: FetchNext, batch: int = 16) -> None:
+        by_tenant: dict[int, list[UserLine]] = defaultdict(list)
+        for line in lines:
+            by_tenant[line.tenant_id].append(line)
+        self._cursors: dict[int, _Cursor] = {}
+        self._tenant_heaps: dict[int, list[tuple[Fraction, datetime, str, int]]] = {}
+        self._tenant_base: dict[int, tuple[int, int]] = {}  # in flight, weight
+        self._tenant_taken: Counter[int] = Counter()
+        self._heap: list[tuple[Fraction, datetime, str, int]] = []
+        for tenant_id, tenant_lines in by_tenant.items():
+            heap = []
+            for line in tenant_lines:
+                cursor = _Cursor(line, fetch_next, batch)
+                self._cursors[line.user_id] = cursor
+                if (key := cursor.key()) is not None:
+                    heap.append(key)
+            heapq.heapify(heap)
+            self._tenant_heaps[tenant_id] = heap
+            self._tenant_base[tenant_id] = (
+                sum(line.in_flight for line in tenant_lines),
+                max(1, tenant_lines[0].tenant_weight),
+            )
+            self._push_tenant(tenant_id)
+
+    def _push_tenant(self, tenant_id: int) -> None:
+        heap = self._tenant_heaps[tenant_id]
+        if heap:
+            active, weight = self._tenant_base[tenant_id]
+            vt = Fraction(active + self._tenant_taken[tenant_id] + 1, weight)
+            _, created_at, job_id, _ = heap[0]
+            heapq.heappush(self._heap, (vt, created_at, job_id, tenant_id))
+
+    def __iter__(self) -> Iterator[QueuedJob]:
+        return self
+
+    def __next__(self) -> QueuedJob:
+        if not self._heap:
+            raise StopIteration
+        _, _, _, tenant_id = heapq.heappop(self._heap)
+        heap = self._tenant_heaps[tenant_id]
+        _, _, _, user_id = heapq.heappop(heap)
+        cursor = self._cursors[user_id]
+        job = cursor.pop()
+        if (key := cursor.key()) is not None:
+            heapq.heappush(heap, key)
+        self._tenant_taken[tenant_id] += 1
+        self._push_tenant(tenant_id)
+        return job
+
+
+# Keys of the k-th waiting job of each (line, k) asked; a missing entry means unknown.
+ResolveKeys = Callable[[list[tuple[UserLine, int]]], Mapping[tuple[int, int], JobKey]]
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """The waiting jobs the fair order puts before a job, and their work.
+
+    `uncertain` counts equal-virtual-time ties whose tie-break could not be read
+    (a key `resolve` did not return); each was counted as ahead, so `jobs` is then
+    an upper bound. It is 0, and `jobs` exact, whenever `resolve` answers every
+    key asked, as the database's does. `work` adds each line's mean job work for
+    the jobs counted from it, so it is exact when a line's jobs are alike.
+    """
+
+    jobs: int
+    work: float
+    uncertain: int = 0
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def _count_before(
+    numerator: int, denominator: int, weight: int, active: int, size: int
+) -> tuple[int, int | None]:
+    """How many of k = 1..size come before numerator/denominator, and the k that ties.
+
+    The k-th item of the sequence has the virtual time (active + k) / weight.
+    """
+    scaled = numerator * weight - active * denominator
+    strict = min(size, max(0, _ceil_div(scaled, denominator) - 1))
+    tie = scaled // denominator if scaled % denominator == 0 else None
+    return strict, tie if tie is not None and 1 <= tie <= size else None
+
+
+def _known_key(line: UserLine, k: int, target: JobKey) -> JobKey | bool | None:
+    """The k-th waiting job's key, or whether it is older than `target`, from the line's ends.
+
+    None when only reading the line can tell.
+    """
+    assert line.head is not None and line.tail is not None
+    if k == 1:
+        return job_key(line.head)
+    if k == line.waiting:
+        return job_key(line.tail)
+    if job_key(line.tail) < target:
+        return True  # every waiting job of the line is older
+    if job_key(line.head) > target:
+        return False  # every one is younger
+    return None
+
+
+@dataclass
+class _TenantTie:
+    """A tenant whose r-th job ties with the target; which of its jobs that is."""
+
+    jobs: list[tuple[UserLine, int]]  # the jobs at the tied virtual time
+    index: int  # the tied job's place among them, by age (0-based)
+    mean_work: float
+    keys: dict[tuple[int, int], JobKey | bool | None] = field(default_factory=dict)
+
+
+def _kth_virtual_time(lines: list[UserLine], rank: int) -> tuple[int, int]:
+    """The virtual time (numerator, denominator) of the rank-th job of a tenant's merged lines."""
+    top = max(max(1, line.weight) for line in lines)
+    # Distinct virtual times differ by more than 1/top^2: on a grid finer than that,
+    # the smallest grid point with `rank` jobs at or below it brackets exactly one.
+    scale = 1 << (2 * top.bit_length() + 2)
+
+    def count_at_most(point: int) -> int:  # jobs with virtual time <= point / scale
+        return sum(
+            min(line.waiting, max(0, (point * max(1, line.weight)) // scale - line.in_flight))
+            for line in lines
+        )
+
+    low, high = (
+        0,
+        max(
+            _ceil_div((line.in_flight + line.waiting) * scale, max(1, line.weight))
+            for line in lines
+        ),
+    )
+    while low < high:
+        mid = (low + high) // 2
+        if count_at_most(mid) >= rank:
+            high = mid
+        else:
+            low = mid + 1
+    # The largest virtual time at or below the grid point is the one bracketed.
+    best: tuple[int, int] | None = None
+    for line in lines:
+        weight = max(1, line.weight)
+        k = min(line.waiting, (low * weight) // scale - line.in_flight)
+        if k >= 1 and (best is None or (line.in_flight + k) * best[1] > best[0] * weight):
+            best = (line.in_flight + k, weight)
+    assert best is not None
+    return best
+
+
+def _tenant_tie(lines: list[UserLine], rank: int, target: JobKey) -> _TenantTie | bool:
+    """The tenant's rank-th job, or directly whether it is older than `target`."""
+    waiting = [line for line in lines if line.waiting > 0]
+    total = sum(line.waiting for line in waiting)
+    if rank == 1:
+        first = min(
+            waiting,
+            key=lambda line: (
+                Fraction(line.in_flight + 1, max(1, line.weight)),
+                job_key(line.head),  # type: ignore[arg-type]
+            ),
+        )
+        return job_key(first.head) < target  # type: ignore[arg-type]
+    if rank == total:
+        last = max(
+            waiting,
+            key=lambda line: (
+                Fraction(line.in_flight + line.waiting, max(1, line.weight)),
+                job_key(line.tail),  # type: ignore[arg-type]
+            ),
+        )
+        return job_key(last.tail) < target  # type: ignore[arg-type]
+    if all(job_key(line.tail) < target for line in waiting):  # type: ignore[arg-type]
+        return True
+    if all(job_key(line.head) > target for line in waiting):  # type: ignore[arg-type]
+        return False
+    numerator, denominator = _kth_virtual_time(waiting, rank)
+    before = 0
+    tied: list[tuple[UserLine, int]] = []
+    for line in waiting:
+        strict, tie = _count_before(
+            numerator, denominator, max(1, line.weight), line.in_flight, line.waiting
+        )
+        before += strict
+        if tie is not None:
+            tied.append((line, tie))
+    mean_work = sum(line.waiting_work for line in waiting) / total
+    found = _TenantTie(tied, rank - before - 1, mean_work)
+    for line, k in tied:
+        found.keys[(line.user_id, k)] = _known_key(line, k, target)
+    return found
+
+
+def _tie_is_ahead(
+    tie: _TenantTie, target: JobKey, resolved: Mapping[tuple[int, int], JobKey]
+) -> bool | None:
+    """Whether the tied job is older than `target`; None if an age stayed unknown.
+
+    The tied jobs sort by age, so the index-th one is older than the target exactly
+    when more than `index` of them are.
+    """
+    older = 0
+    for line, k in tie.jobs:
+        known = tie.keys.get((line.user_id, k))
+        if known is None:
+            known = resolved.get((line.user_id, k))
+        if known is None:
+            return None
+        older += known is True or (known is not False and known < target)
+    return tie.index < older
+
+
+def jobs_ahead(lines: Sequence[UserLine], job: QueuedJob, rank: int, resolve: ResolveKeys) -> Ahead:
+    """The waiting jobs that come before `job`, the `rank`-th waiting job of its user.
+
+    `lines` holds every user with jobs waiting or in flight. Ties in virtual time
+    are broken by age, which needs the key of the tied job: the line's ends give
+    it, or tell whether it is older; otherwise `resolve` reads it (at most two
+    calls, each with every key still needed).
+    """
+    target = job_key(job)
+    own = next(line for line in lines if line.user_id == job.user_id)
+    tenant_lines = [line for line in lines if line.tenant_id == own.tenant_id]
+    # Within the job's tenant: its users' lines against the job's own virtual time.
+    numerator, denominator = own.in_flight + rank, max(1, own.weight)
+    count, work, uncertain = rank - 1, (rank - 1) * own.mean_work, 0
+    pending: list[tuple[UserLine, int]] = []
+    for line in tenant_lines:
+        if line is own or line.waiting == 0:
+            continue
+        strict, tie = _count_before(
+            numerator, denominator, max(1, line.weight), line.in_flight, line.waiting
+        )
+        count += strict
+        work += strict * line.mean_work
+        if tie is None:
+            continue
+        known = _known_key(line, tie, target)
+        if known is None:
+            pending.append((line, tie))
+        elif known is True or (known is not False and known < target):
+            count += 1
+            work += line.mean_work
+    resolved = resolve(pending) if pending else {}
+    for line, k in pending:
+        key = resolved.get((line.user_id, k))
+        if key is None or key < target:
+            count += 1
+            work += line.mean_work
+            uncertain += key is None
+    # Across tenants: the job's tenant-level virtual time against every other tenant.
+    tenant_numerator = sum(line.in_flight for line in tenant_lines) + count + 1
+    tenant_denominator = max(1, own.tenant_weight)
+    others: dict[int, list[UserLine]] = defaultdict(list)
+    for line in lines:
+        if line.tenant_id != own.tenant_id:
+            others[line.tenant_id].append(line)
+    tenant_ties: list[_TenantTie] = []
+    for group in others.values():
+        size = sum(line.waiting for line in group)
+        if size == 0:
+            continue
+        mean = sum(line.waiting_work for line in group) / size
+        strict, tie = _count_before(
+            tenant_numerator,
+            tenant_denominator,
+            max(1, group[0].tenant_weight),
+            sum(line.in_flight for line in group),
+            size,
+        )
+        count += strict
+        work += strict * mean
+        if tie is None:
+            continue
+        found = _tenant_tie(group, tie, target)
+        if found is True:
+            count += 1
+            work += mean
+        elif isinstance(found, _TenantTie):
+            tenant_ties.append(found)
+    asked = [
+        (line, k)
+        for found in tenant_ties
+        for line, k in found.jobs
+        if found.keys[(line.user_id, k)] is None
+    ]
+    resolved = resolve(asked) if asked else {}
+    for found in tenant_ties:
+        ahead = _tie_is_ahead(found, target, resolved)
+        if ahead is None or ahead:
+            count += 1
+            work += found.mean_work
+            uncertain += ahead is None
+    return Ahead(jobs=count, work=work, uncertain=uncertain)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -82,6 +83,15 @@ class JobState(enum.StrEnum):
 
 LIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
 TERMINAL_STATES = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+# The predicates of the partial indexes, shared with the migration that creates them.
+# A QUEUED job waits in line until the dispatcher releases it (released_at set).
+WAITING_SQL = "state = 'QUEUED' AND released_at IS NULL"
+RELEASED_SQL = "state = 'QUEUED' AND released_at IS NOT NULL"
+RUNNING_SQL = "state = 'RUNNING'"
+LIVE_DEADLINE_SQL = "state IN ('QUEUED', 'RUNNING') AND deadline_at IS NOT NULL"
+RETAINED_SQL = "results_deleted_at IS NULL AND expires_at IS NOT NULL"
+ACTIVE_LINE_SQL = "waiting > 0 OR in_flight > 0"
 
 
 class LedgerKind(enum.StrEnum):
@@ -158,6 +168,40 @@ class Job(Base):
         ),
         CheckConstraint("attempt >= 0", name="attempt_non_negative"),
         Index("ix_jobs_state_created_at", "state", "created_at"),
+        # Partial indexes: each serves one scheduling read without touching the jobs
+        # that wait in line (there may be millions) or the history.
+        Index(
+            "ix_jobs_waiting",
+            "user_id",
+            "queue_seq",
+            postgresql_where=text(WAITING_SQL),
+            sqlite_where=text(WAITING_SQL),
+        ),
+        Index(
+            "ix_jobs_released",
+            "released_at",
+            "id",
+            postgresql_where=text(RELEASED_SQL),
+            sqlite_where=text(RELEASED_SQL),
+        ),
+        Index(
+            "ix_jobs_running",
+            "lease_expires_at",
+            postgresql_where=text(RUNNING_SQL),
+            sqlite_where=text(RUNNING_SQL),
+        ),
+        Index(
+            "ix_jobs_live_deadline",
+            "deadline_at",
+            postgresql_where=text(LIVE_DEADLINE_SQL),
+            sqlite_where=text(LIVE_DEADLINE_SQL),
+        ),
+        Index(
+            "ix_jobs_retained",
+            "expires_at",
+            postgresql_where=text(RETAINED_SQL),
+            sqlite_where=text(RETAINED_SQL),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -182,10 +226,52 @@ class Job(Base):
     # A client's deadline: past it a queued job is cancelled, a running one stops.
     deadline_at: Mapped[datetime | None] = mapped_column(default=None)
     # Results are kept until then (counted from submission); cleanup deletes them after.
-    expires_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
     results_deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Place in its user's line while it waits: the user's waiting jobs hold the
+    # consecutive numbers head_seq .. head_seq + waiting - 1 (see UserQueue).
+    queue_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Size in pixel-steps (width x height x steps x images), for the ETA.
+    work: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     images: Mapped[list[JobImage]] = relationship(order_by="JobImage.index", back_populates="job")
+
+
+class UserQueue(Base):
+    """One user's line, maintained with every job transition in the same transaction.
+
+    `waiting` counts QUEUED jobs not yet released, which hold the consecutive
+    `queue_seq` numbers head_seq .. head_seq + waiting - 1 in first-in, first-out
+    order; `in_flight` counts released and RUNNING jobs. The head and tail are the
+    first and last waiting jobs. So the fair-share order and a job's place in it
+    are computed from one row per active user, whatever the depth of the queue.
+    """
+
+    __tablename__ = "user_queues"
+    __table_args__ = (
+        CheckConstraint("waiting >= 0", name="waiting_non_negative"),
+        CheckConstraint("in_flight >= 0", name="in_flight_non_negative"),
+        Index(
+            "ix_user_queues_active",
+            "tenant_id",
+            postgresql_where=text(ACTIVE_LINE_SQL),
+            sqlite_where=text(ACTIVE_LINE_SQL),
+        ),
+    )
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    waiting: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    in_flight: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    waiting_work: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    head_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    head_job_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    head_created_at: Mapped[datetime | None] = mapped_column(default=None)
+    tail_job_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    tail_created_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The newest job's submission time: a user's jobs get strictly increasing times,
+    # so first in, first out by time is also the order of submission.
+    last_created_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class JobImage(Base):

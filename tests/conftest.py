@@ -214,3 +214,14 @@ def resources_for(
         redis=make_redis(settings.require_redis_url()),
         storage=storage or make_storage(settings.resolved_storage_url),
     )
+
+
+def release_job(session: Session, job_id: str) -> str:
+    """Release one waiting job, as the dispatcher would, so that a worker may claim it."""
+    from shared.fairshare import QueuedJob
+    from shared.models import Job
+    from shared.transitions import release_jobs
+
+    job = session.get_one(Job, job_id)
+    release_jobs(session, [QueuedJob(job.id, job.tenant_id, job.user_id, job.created_at)])
+    return job_id

@@ -18,11 +18,11 @@ from shared.events import (
     record_heartbeat,
     record_render_speed,
 )
-from shared.jobs import claim_job, fail_job
 from shared.ledger import ledger_balance
 from shared.models import Job, LedgerEntry
 from shared.settings import Settings
-from tests.conftest import ApiUser, make_user
+from shared.transitions import claim_job, fail_job
+from tests.conftest import ApiUser, make_user, release_job
 
 
 def dispatcher_wakes(settings: Settings) -> int:
@@ -198,7 +198,7 @@ def test_running_job_is_processing(
 
     job_id = submit(client, alice)["request_id"]
     with transaction(sessions) as session:
-        claim_job(session, job_id, "w", timedelta(minutes=1))
+        claim_job(session, release_job(session, job_id), "w", timedelta(minutes=1))
     assert (
         client.get(f"/v2/requests/{job_id}/status", headers=alice.headers).get_json()["status"]
         == "PROCESSING"

@@ -16,26 +16,27 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from control.dispatcher import Dispatcher
 from shared.db import transaction
-from shared.dispatch import (
-    DEADLINE_ERROR,
-    Load,
-    current_load,
-    enforce_deadlines,
-    queue_place,
-    recover_expired_leases,
-    release_next_jobs,
-    stale_releases,
-    touch_release,
-)
 from shared.errors import StaleAttempt, TooManyJobs
 from shared.events import make_redis, record_heartbeat
-from shared.jobs import cancel_job, claim_job, record_image, renew_lease, submit_job
 from shared.ledger import get_balance, ledger_balance
 from shared.models import Job, JobState, LedgerEntry, LedgerKind, utcnow
 from shared.params import KolorsParams
+from shared.queries import Load, current_load, queue_place, stale_releases
 from shared.queue import RENDER_QUEUE, make_celery
 from shared.settings import Settings
-from tests.conftest import ApiUser, make_user, resources_for
+from shared.transitions import (
+    DEADLINE_ERROR,
+    cancel_job,
+    claim_job,
+    enforce_deadlines,
+    record_image,
+    recover_expired_leases,
+    release_next_jobs,
+    renew_lease,
+    submit_job,
+    touch_release,
+)
+from tests.conftest import ApiUser, make_user, release_job, resources_for
 
 ONE = Decimal("1")
 LEASE = timedelta(minutes=5)
@@ -81,7 +82,7 @@ def set_job(sessions: sessionmaker[Session], job_id: str, **values: Any) -> None
 
 def claim(sessions: sessionmaker[Session], job_id: str, worker: str = "w1") -> int:
     with transaction(sessions) as session:
-        spec = claim_job(session, job_id, worker, LEASE)
+        spec = claim_job(session, release_job(session, job_id), worker, LEASE)
     assert spec is not None
     return spec.attempt
 
@@ -333,7 +334,9 @@ def test_cancelled_running_job_whose_worker_died_is_settled(
             recover_expired_leases(session, 3)
         assert release(sessions, 10) == []  # it is never released...
         with transaction(sessions) as session:
-            assert claim_job(session, job_id, "w2", LEASE) is None  # ...nor claimable
+            assert (
+                claim_job(session, release_job(session, job_id), "w2", LEASE) is None
+            )  # ...nor claimable
     # So the job must already have ended, and its hold must be back.
     job = load_job(sessions, job_id)
     assert job.state == JobState.CANCELLED.value, job.state

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.fairshare import QueuedJob, ShareState, fair_order, pick_for_release
+from shared.fairshare import (
+    FairMerge,
+    FetchNext,
+    JobKey,
+    QueuedJob,
+    ResolveKeys,
+    ShareState,
+    UserLine,
+    fair_order,
+    job_key,
+    jobs_ahead,
+    pick_for_release,
+    share_state,
+)
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 NOTHING = ShareState()
@@ -288,3 +303,153 @@ def test_pick_is_a_capped_prefix_choice(
             assert state.user_active.get(user, 0) + n <= cap
     else:
         assert ids(picked) == ids(order[: max(0, slots)])
+
+
+# ---------------------------------------------------------------- from users' lines
+#
+# The dispatcher and the status route compute the order from one row per user
+# (counts, weights, first and last waiting job) instead of every queued job.
+# These properties hold them to `fair_order` exactly.
+
+
+@st.composite
+def farms(draw: st.DrawFn) -> tuple[list[QueuedJob], list[UserLine]]:
+    """Waiting jobs and consistent lines: in-flight counts per user, summed per tenant."""
+    jobs = draw(queues(max_size=50))
+    tenant_of = {user: tenant for user, tenant in draw(user_tenants())}
+    jobs = [
+        QueuedJob(q.job_id, tenant_of[q.user_id], q.user_id, q.created_at, work=q.work or 1.0)
+        for q in jobs
+    ]
+    in_flight = draw(st.lists(st.integers(0, 5), min_size=USERS, max_size=USERS))
+    weights = draw(st.lists(st.integers(1, 4), min_size=USERS, max_size=USERS))
+    tenant_weights = draw(st.lists(st.integers(1, 4), min_size=4, max_size=4))
+    lines = []
+    for user in range(USERS):
+        mine = sorted((q for q in jobs if q.user_id == user), key=job_key)
+        if not mine and not in_flight[user]:
+            continue
+        lines.append(
+            UserLine(
+                user_id=user,
+                tenant_id=tenant_of[user],
+                weight=weights[user],
+                tenant_weight=tenant_weights[tenant_of[user]],
+                waiting=len(mine),
+                in_flight=in_flight[user],
+                waiting_work=sum(q.work for q in mine),
+                head=mine[0] if mine else None,
+                tail=mine[-1] if mine else None,
+            )
+        )
+    return jobs, lines
+
+
+@st.composite
+def user_tenants(draw: st.DrawFn) -> list[tuple[int, int]]:
+    return [(user, draw(st.integers(0, 3))) for user in range(USERS)]
+
+
+def in_memory(jobs: list[QueuedJob]) -> tuple[FetchNext, ResolveKeys]:
+    """fetch_next and resolve over a list of jobs, as the database answers them."""
+    by_user: dict[int, list[QueuedJob]] = {}
+    for q in sorted(jobs, key=job_key):
+        by_user.setdefault(q.user_id, []).append(q)
+
+    def fetch_next(line: UserLine, after: QueuedJob, limit: int) -> list[QueuedJob]:
+        mine = by_user[line.user_id]
+        start = mine.index(after) + 1
+        return mine[start : start + limit]
+
+    def resolve(asked: list[tuple[UserLine, int]]) -> dict[tuple[int, int], JobKey]:
+        return {(line.user_id, k): job_key(by_user[line.user_id][k - 1]) for line, k in asked}
+
+    return fetch_next, resolve
+
+
+@settings(max_examples=300, deadline=None)
+@given(farm=farms(), batch=st.integers(1, 4))
+def test_the_lazy_merge_of_lines_is_the_fair_order(
+    farm: tuple[list[QueuedJob], list[UserLine]], batch: int
+) -> None:
+    jobs, lines = farm
+    fetch_next, _ = in_memory(jobs)
+    assert ids(list(FairMerge(lines, fetch_next, batch))) == ids(
+        fair_order(jobs, share_state(lines))
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(farm=farms(), slots=st.integers(0, 12), cap=st.integers(0, 4))
+def test_release_from_lines_picks_what_the_full_order_picks(
+    farm: tuple[list[QueuedJob], list[UserLine]], slots: int, cap: int
+) -> None:
+    jobs, lines = farm
+    fetch_next, _ = in_memory(jobs)
+    state = share_state(lines)
+    assert ids(pick_for_release(FairMerge(lines, fetch_next, 2), slots, state, cap)) == ids(
+        pick_for_release(fair_order(jobs, state), slots, state, cap)
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(farm=farms())
+def test_jobs_ahead_from_lines_is_the_exact_position(
+    farm: tuple[list[QueuedJob], list[UserLine]],
+) -> None:
+    jobs, lines = farm
+    _, resolve = in_memory(jobs)
+    order = fair_order(jobs, share_state(lines))
+    asked: list[int] = []
+
+    def counting(keys: list[tuple[UserLine, int]]) -> Mapping[tuple[int, int], JobKey]:
+        asked.append(len(keys))
+        return resolve(keys)
+
+    for position, queued in enumerate(order):
+        mine = sorted((q for q in jobs if q.user_id == queued.user_id), key=job_key)
+        ahead = jobs_ahead(lines, queued, mine.index(queued) + 1, counting)
+        assert (ahead.jobs, ahead.uncertain) == (position, 0), queued
+        # Every job weighs one unit here, so the work ahead is the count.
+        assert ahead.work == pytest.approx(position)
+    assert len(asked) <= 2 * len(order)  # at most two reads per position
+
+
+@settings(max_examples=300, deadline=None)
+@given(farm=farms())
+def test_without_reads_the_position_is_an_upper_bound_and_says_so(
+    farm: tuple[list[QueuedJob], list[UserLine]],
+) -> None:
+    jobs, lines = farm
+    order = fair_order(jobs, share_state(lines))
+    for position, queued in enumerate(order):
+        mine = sorted((q for q in jobs if q.user_id == queued.user_id), key=job_key)
+        ahead = jobs_ahead(lines, queued, mine.index(queued) + 1, lambda keys: {})
+        assert ahead.jobs >= position
+        assert ahead.uncertain > 0 or ahead.jobs == position
+
+
+def test_a_deep_tie_inside_a_tenant_of_many_users_is_read_not_guessed() -> None:
+    # Tenant 1: users 1 and 2 with interleaved submissions; tenant 2: one user whose
+    # third job ties with tenant 1's third job, which is neither first nor last.
+    a = [job(f"a{i}", 1, 1, 2 * i) for i in range(4)]  # t = 0, 2, 4, 6
+    b = [job(f"b{i}", 1, 2, 2 * i + 1) for i in range(4)]  # t = 1, 3, 5, 7
+    c = [job(f"c{i}", 2, 3, 3.5 + i) for i in range(4)]  # t = 3.5, 4.5, ...
+    jobs = a + b + c
+    lines = [
+        UserLine(1, 1, waiting=4, waiting_work=4, head=a[0], tail=a[-1]),
+        UserLine(2, 1, waiting=4, waiting_work=4, head=b[0], tail=b[-1]),
+        UserLine(3, 2, waiting=4, waiting_work=4, head=c[0], tail=c[-1]),
+    ]
+    _, resolve = in_memory(jobs)
+    read: list[list[tuple[int, int]]] = []
+
+    def recording(keys: list[tuple[UserLine, int]]) -> Mapping[tuple[int, int], JobKey]:
+        read.append([(line.user_id, k) for line, k in keys])
+        return resolve(keys)
+
+    order = ids(fair_order(jobs, share_state(lines)))
+    ahead = jobs_ahead(lines, c[2], 3, recording)
+    assert ahead.jobs == order.index("c2") and ahead.uncertain == 0
+    # Tenant 1's 3rd job is one of its users' 2nd jobs (t = 2 or 3): both read, in one call.
+    assert read == [[(1, 2), (2, 2)]]

@@ -13,7 +13,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import transaction
 from shared.errors import NotEnoughCredits, StaleAttempt
-from shared.jobs import (
+from shared.ledger import get_balance, grant_credits, held_for_job, ledger_balance
+from shared.models import Job, JobState, LedgerEntry, LedgerKind, User
+from shared.params import KolorsParams
+from shared.transitions import (
     cancel_job,
     claim_job,
     fail_job,
@@ -21,10 +24,7 @@ from shared.jobs import (
     record_image,
     submit_job,
 )
-from shared.ledger import get_balance, grant_credits, held_for_job, ledger_balance
-from shared.models import Job, JobState, LedgerEntry, LedgerKind, User
-from shared.params import KolorsParams
-from tests.conftest import ApiUser, make_user
+from tests.conftest import ApiUser, make_user, release_job
 
 ONE = Decimal("1")
 LEASE = timedelta(minutes=5)
@@ -96,7 +96,7 @@ def test_complete_captures_each_image_and_settles_once(
     with transaction(sessions) as session:
         job = submit_job(session, alice.principal, small(2), ONE)
     with transaction(sessions) as session:
-        spec = claim_job(session, job.id, "w1", LEASE)
+        spec = claim_job(session, release_job(session, job.id), "w1", LEASE)
     assert spec is not None and spec.attempt == 1
     deliver(sessions, job.id, 1, 0)
     deliver(sessions, job.id, 1, 1)
@@ -118,7 +118,7 @@ def test_failure_after_one_image_charges_one_and_releases_the_rest(
     with transaction(sessions) as session:
         job = submit_job(session, alice.principal, small(3), ONE)
     with transaction(sessions) as session:
-        assert claim_job(session, job.id, "w1", LEASE) is not None
+        assert claim_job(session, release_job(session, job.id), "w1", LEASE) is not None
     deliver(sessions, job.id, 1, 0)
     with transaction(sessions) as session:
         assert fail_job(session, job.id, "boom", attempt=1)
@@ -135,9 +135,9 @@ def test_a_job_is_claimed_once_and_stale_attempts_cannot_write(
     with transaction(sessions) as session:
         job = submit_job(session, alice.principal, small(), ONE)
     with transaction(sessions) as session:
-        assert claim_job(session, job.id, "w1", LEASE) is not None
+        assert claim_job(session, release_job(session, job.id), "w1", LEASE) is not None
     with transaction(sessions) as session:
-        assert claim_job(session, job.id, "w2", LEASE) is None
+        assert claim_job(session, release_job(session, job.id), "w2", LEASE) is None
     with pytest.raises(StaleAttempt):
         deliver(sessions, job.id, 2, 0)
     with transaction(sessions) as session:
@@ -153,7 +153,7 @@ def test_cancel_of_queued_job_releases_at_once_and_is_idempotent(
         with transaction(sessions) as session:
             assert cancel_job(session, alice.principal, job.id).state == JobState.CANCELLED.value
     with transaction(sessions) as session:
-        assert claim_job(session, job.id, "w1", LEASE) is None
+        assert claim_job(session, release_job(session, job.id), "w1", LEASE) is None
     assert [kind for kind, _, _ in entries(sessions, job.id)] == ["hold", "release"]
     assert assert_books_balance(sessions, alice) == 10_000
 
@@ -164,7 +164,7 @@ def test_cancel_of_running_job_keeps_delivered_images(
     with transaction(sessions) as session:
         job = submit_job(session, alice.principal, small(4), ONE)
     with transaction(sessions) as session:
-        claim_job(session, job.id, "w1", LEASE)
+        claim_job(session, release_job(session, job.id), "w1", LEASE)
     deliver(sessions, job.id, 1, 0)
     with transaction(sessions) as session:
         assert cancel_job(session, alice.principal, job.id).state == JobState.RUNNING.value

@@ -30,7 +30,6 @@ from shared.db import transaction
 from shared.errors import ExpiredLink, InvalidLink
 from shared.events import make_redis
 from shared.imaging import read_generation_record
-from shared.jobs import claim_job, finish_job, record_image, submit_job
 from shared.ledger import get_balance, ledger_balance
 from shared.links import (
     KEY_FILE,
@@ -43,7 +42,8 @@ from shared.models import Job, JobImage
 from shared.params import KolorsParams
 from shared.settings import Settings
 from shared.storage import LocalStorage, ObjectMissing, S3Storage, make_storage
-from tests.conftest import ApiUser, make_user, resources_for
+from shared.transitions import claim_job, finish_job, record_image, submit_job
+from tests.conftest import ApiUser, make_user, release_job, resources_for
 from worker.pipeline import KolorsRenderer
 from worker.service import WorkerContext, run_render_job
 
@@ -105,7 +105,7 @@ def delivered_job(
             retention=retention,
         )
     with transaction(sessions) as session:
-        spec = claim_job(session, job.id, "w", timedelta(minutes=1))
+        spec = claim_job(session, release_job(session, job.id), "w", timedelta(minutes=1))
         assert spec is not None
     key = f"{user.principal.tenant_id}/{job.id}/0.webp"
     storage.put(key, b"image-bytes", "image/webp")
@@ -322,6 +322,7 @@ def render(context: WorkerContext, user: ApiUser, **params: Any) -> Job:
     fields = {"prompt": "a fox", "width": 512, "height": 512, "steps": 3, **params}
     with transaction(context.sessions) as session:
         job = submit_job(session, user.principal, KolorsParams.model_validate(fields), Decimal(1))
+        release_job(session, job.id)
     run_render_job(context, job.id)
     with transaction(context.sessions) as session:
         done = session.get_one(Job, job.id)

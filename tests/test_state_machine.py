@@ -38,25 +38,10 @@ from hypothesis.stateful import (
 from sqlalchemy import Table, case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.accounts import Principal, create_user
+from shared.accounts import Principal, create_user, set_tenant_weight, set_user_weight
 from shared.db import make_engine, make_session_factory, transaction
-from shared.dispatch import (
-    DEADLINE_ERROR,
-    LeaseOutcome,
-    enforce_deadlines,
-    recover_expired_leases,
-)
 from shared.errors import JobNotFound, NotEnoughCredits, StaleAttempt
-from shared.jobs import (
-    RenderSpec,
-    cancel_job,
-    claim_job,
-    fail_job,
-    finish_job,
-    job_state,
-    record_image,
-    submit_job,
-)
+from shared.fairshare import QueuedJob, ShareState, fair_order, pick_for_release
 from shared.ledger import get_balance, held_for_job, ledger_balance
 from shared.migrate import migrate_database
 from shared.models import (
@@ -67,12 +52,30 @@ from shared.models import (
     JobState,
     LedgerEntry,
     LedgerKind,
+    Tenant,
     User,
+    UserQueue,
     utcnow,
 )
 from shared.params import KolorsParams
 from shared.pricing import price_per_image
-from tests.conftest import empty_database, make_user
+from shared.queries import job_state, queue_place
+from shared.transitions import (
+    DEADLINE_ERROR,
+    LeaseOutcome,
+    RenderSpec,
+    cancel_job,
+    claim_job,
+    enforce_deadlines,
+    fail_job,
+    finish_job,
+    record_image,
+    recover_expired_leases,
+    release_next_jobs,
+    submit_job,
+    unrelease_job,
+)
+from tests.conftest import empty_database, make_user, release_job
 
 REFERENCE_PRICE = Decimal("1")
 LEASE = timedelta(minutes=5)
@@ -85,7 +88,7 @@ USERS: tuple[tuple[str, str, int], ...] = (
     ("carol", "other", 600),
 )
 WORKERS = ("worker-a", "worker-b")
-SNAPSHOT_TABLES = ("users", "jobs", "job_images", "ledger_entries")
+SNAPSHOT_TABLES = ("users", "user_queues", "jobs", "job_images", "ledger_entries")
 
 # No explain phase: it re-runs a failing case under a line tracer, minutes on this much
 # SQLAlchemy code, to add little to the minimal example the shrink phase prints.
@@ -118,6 +121,8 @@ LEDGER_TOTALS = select(
         0,
     ),
 )
+TENANT_WEIGHTS = select(Tenant.id, Tenant.weight)
+USER_WEIGHTS = select(User.id, User.weight)
 IMAGES_PER_JOB = select(JobImage.job_id, func.count()).group_by(JobImage.job_id)
 ENTRIES_PER_JOB = (
     select(LedgerEntry.job_id, LedgerEntry.kind, func.count())
@@ -311,7 +316,7 @@ class JobLedgerMachine(RuleBasedStateMachine):
             claimable = before.state == JobState.QUEUED and not before.cancel_requested
             rows = None if claimable else snapshot(session)
         with transaction(self.sessions) as session:
-            spec = claim_job(session, job_id, worker, LEASE)
+            spec = claim_job(session, release_job(session, job_id), worker, LEASE)
         if spec is None:
             assert rows is not None, f"a claimable job was refused: {before}"
             self.assert_unchanged(rows, "a refused claim")
@@ -478,6 +483,42 @@ class JobLedgerMachine(RuleBasedStateMachine):
                 assert after.state == JobState.RUNNING
                 assert after.cancel_requested
 
+    @rule(slots=st.integers(1, 4), cap=st.integers(0, 2))
+    def release(self, slots: int, cap: int) -> None:
+        # The dispatcher's decision, from the users' lines, against the full fair order.
+        with transaction(self.sessions) as session:
+            waiting, state = exact_queue(session)
+        expected = pick_for_release(fair_order(waiting, state), slots, state, cap)
+        with transaction(self.sessions) as session:
+            released = release_next_jobs(session, slots, cap)
+        assert released == [q.job_id for q in expected]
+        for job_id in released:
+            view = self.read_job(job_id)
+            assert view.state == JobState.QUEUED
+
+    @rule(job_id=jobs)
+    def unrelease(self, job_id: str) -> None:
+        # A release whose message could not be published goes back in line.
+        before = self.read_job(job_id)
+        with transaction(self.sessions) as session:
+            unrelease_job(session, job_id)
+            released_at = session.execute(
+                select(Job.released_at).where(Job.id == job_id)
+            ).scalar_one()
+        if before.state == JobState.QUEUED:
+            assert released_at is None
+        else:
+            assert self.read_job(job_id) == before
+
+    @rule(user=st.integers(0, len(USERS) - 1), weight=st.integers(1, 3), tenant=st.booleans())
+    def reweigh(self, user: int, weight: int, tenant: bool) -> None:
+        name, tenant_name, _credits = USERS[user]
+        with transaction(self.sessions) as session:
+            if tenant:
+                set_tenant_weight(session, tenant_name, weight)
+            else:
+                set_user_weight(session, name, weight)
+
     # -- invariants -------------------------------------------------------------------------
 
     @invariant()
@@ -487,6 +528,52 @@ class JobLedgerMachine(RuleBasedStateMachine):
             self.check_balances(session)
             self.check_money_is_conserved(session)
             self.check_jobs(session)
+            self.check_lines(session)
+            self.check_positions(session)
+
+    def check_lines(self, session: Session) -> None:
+        """Each user's line row is what its jobs say, and its waiting jobs are numbered in order."""
+        for principal in self.principals:
+            line = session.get_one(UserQueue, principal.user_id)
+            mine = session.execute(
+                select(Job).where(Job.user_id == principal.user_id).order_by(Job.created_at, Job.id)
+            ).scalars()
+            waiting = []
+            in_flight = 0
+            for job in mine:
+                if job.state == JobState.QUEUED.value and job.released_at is None:
+                    waiting.append(job)
+                elif job.state == JobState.RUNNING.value or job.state == JobState.QUEUED.value:
+                    in_flight += 1
+                    assert job.released_at is not None, "a running job that was never released"
+            who = principal.user_name
+            assert line.waiting == len(waiting), f"{who}: waiting"
+            assert line.in_flight == in_flight, f"{who}: in flight"
+            assert line.waiting_work == sum(job.work for job in waiting), f"{who}: work"
+            seqs = [job.queue_seq for job in waiting]
+            assert seqs == list(range(line.head_seq, line.head_seq + len(waiting))), (
+                f"{who}: line numbers {seqs} from {line.head_seq}"
+            )
+            if waiting:
+                assert (line.head_job_id, line.head_created_at) == (
+                    waiting[0].id,
+                    waiting[0].created_at,
+                ), f"{who}: head"
+                assert (line.tail_job_id, line.tail_created_at) == (
+                    waiting[-1].id,
+                    waiting[-1].created_at,
+                ), f"{who}: tail"
+
+    def check_positions(self, session: Session) -> None:
+        """Every queued job's place is its exact place in the full fair order."""
+        waiting, state = exact_queue(session)
+        released = session.execute(
+            select(Job).where(Job.state == "QUEUED", Job.released_at.is_not(None))
+        ).scalars()
+        released_count = len(list(released))
+        for position, queued in enumerate(fair_order(waiting, state)):
+            job = session.get_one(Job, queued.job_id)
+            assert queue_place(session, job).position == released_count + position, queued
 
     def check_balances(self, session: Session) -> None:
         balances = {user_id: balance for user_id, balance in session.execute(BALANCES)}
@@ -538,6 +625,30 @@ class JobLedgerMachine(RuleBasedStateMachine):
             )
 
 
+def exact_queue(session: Session) -> tuple[list[QueuedJob], ShareState]:
+    """The whole queue read row by row (what the scheduler must never do), for comparison."""
+    waiting = [
+        QueuedJob(job.id, job.tenant_id, job.user_id, job.created_at)
+        for job in session.execute(
+            select(Job).where(Job.state == "QUEUED", Job.released_at.is_(None))
+        ).scalars()
+    ]
+    flying = session.execute(
+        select(Job.tenant_id, Job.user_id).where(
+            (Job.state == "RUNNING") | ((Job.state == "QUEUED") & Job.released_at.is_not(None))
+        )
+    ).all()
+    state = ShareState(
+        tenant_active=Counter(row.tenant_id for row in flying),
+        user_active=Counter(row.user_id for row in flying),
+        tenant_weight={
+            row.id: row.weight for row in session.execute(select(Tenant.id, Tenant.weight))
+        },
+        user_weight={row.id: row.weight for row in session.execute(select(User.id, User.weight))},
+    )
+    return waiting, state
+
+
 class PostgresJobLedgerMachine(JobLedgerMachine):
     """The same machine on PostgreSQL; the URL is set by the test from the session fixture."""
 
@@ -568,7 +679,7 @@ def test_a_stale_worker_cannot_fail_its_requeued_job(sessions: sessionmaker[Sess
     with transaction(sessions) as session:
         job_id = submit_job(session, alice.principal, params, REFERENCE_PRICE).id
     with transaction(sessions) as session:
-        spec = claim_job(session, job_id, "worker-a", LEASE)
+        spec = claim_job(session, release_job(session, job_id), "worker-a", LEASE)
     assert spec is not None
     with transaction(sessions) as session:
         session.execute(

@@ -17,15 +17,14 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import transaction
-from shared.dispatch import DEADLINE_ERROR
 from shared.events import make_redis, read_progress, request_cancel
-from shared.jobs import submit_job
 from shared.ledger import get_balance, ledger_balance
 from shared.models import Job, JobImage, LedgerEntry
 from shared.params import KolorsParams
 from shared.settings import Settings
 from shared.storage import LocalStorage
-from tests.conftest import ApiUser
+from shared.transitions import DEADLINE_ERROR, submit_job
+from tests.conftest import ApiUser, release_job
 from worker.pipeline import KolorsRenderer
 from worker.service import WorkerContext, run_render_job
 
@@ -62,7 +61,7 @@ def queue(
             Decimal(1),
             deadline=deadline,
         )
-        return job.id
+        return release_job(session, job.id)
 
 
 def render(context: WorkerContext, user: ApiUser, **params: object) -> Job:

@@ -22,7 +22,6 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import transaction
-from shared.dispatch import DEADLINE_ERROR, job_work
 from shared.errors import StaleAttempt
 from shared.events import (
     Progress,
@@ -33,7 +32,12 @@ from shared.events import (
     write_progress,
 )
 from shared.imaging import encode_image
-from shared.jobs import (
+from shared.models import JobState, utcnow
+from shared.queries import work_units
+from shared.settings import Settings
+from shared.storage import ResultStorage
+from shared.transitions import (
+    DEADLINE_ERROR,
     RenderSpec,
     claim_job,
     fail_job,
@@ -42,9 +46,6 @@ from shared.jobs import (
     record_image,
     renew_lease,
 )
-from shared.models import JobState, utcnow
-from shared.settings import Settings
-from shared.storage import ResultStorage
 from worker.memory import MIB, MemoryModel, plan_chunks
 from worker.pipeline import KolorsRenderer
 
@@ -240,7 +241,8 @@ def _fail(context: WorkerContext, spec: RenderSpec, error: str) -> None:
 
 
 def _record_speed(context: WorkerContext, spec: RenderSpec, images: int, seconds: float) -> None:
-    work = job_work(spec.params.model_dump(), images)
+    params = spec.params
+    work = work_units(params.width * params.height * params.steps * images)
     with contextlib.suppress(redis.RedisError):  # only the ETA would be less informed
         record_render_speed(context.redis, context.name, seconds / work)
 

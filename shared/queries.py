@@ -1,0 +1,338 @@
+"""Read-side queries: jobs, the users' lines, queue positions, load, recovery candidates.
+
+Nothing here changes a row (`shared/transitions.py` owns every change). No
+query reads the whole queue: the fair order and a job's place in it come from
+one row per active user (`user_queues`) plus indexed reads of single jobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+from sqlalchemy import func, select, text, tuple_
+from sqlalchemy.orm import Session, aliased
+
+from shared.accounts import Principal
+from shared.errors import JobNotFound, ResultsExpired
+from shared.fairshare import (
+    FairMerge,
+    JobKey,
+    QueuedJob,
+    UserLine,
+    jobs_ahead,
+    pick_for_release,
+    share_state,
+)
+from shared.models import (
+    ACTIVE_LINE_SQL,
+    LIVE_DEADLINE_SQL,
+    RELEASED_SQL,
+    RETAINED_SQL,
+    RUNNING_SQL,
+    TERMINAL_STATES,
+    WAITING_SQL,
+    Job,
+    JobImage,
+    JobState,
+    Tenant,
+    User,
+    UserQueue,
+    utcnow,
+)
+
+# Literal predicates (not bound parameters), so SQLite and PostgreSQL both match them
+# to the partial indexes of the same text.
+WAITING: Final = text(WAITING_SQL)
+RELEASED: Final = text(RELEASED_SQL)
+RUNNING: Final = text(RUNNING_SQL)
+ACTIVE_LINE: Final = text(ACTIVE_LINE_SQL)
+RETAINED: Final = text(RETAINED_SQL)
+LIVE_DEADLINE: Final = text(LIVE_DEADLINE_SQL)
+
+ONE_MEGA_STEP: Final = 1024 * 1024  # the work unit: one 1024x1024 image at one step
+
+PUBLIC_STATUS: Final = {
+    JobState.QUEUED: "QUEUED",
+    JobState.RUNNING: "PROCESSING",
+    JobState.COMPLETED: "COMPLETED",
+    JobState.FAILED: "FAILED",
+    JobState.CANCELLED: "FAILED",
+}
+
+
+def work_units(pixel_steps: int) -> float:
+    """Pixel-steps in work units (1024x1024 images x steps)."""
+    return pixel_steps / ONE_MEGA_STEP
+
+
+def job_work(job: Job) -> float:
+    """A job's size in work units."""
+    return work_units(job.work)
+
+
+def get_job(session: Session, principal: Principal, job_id: str) -> Job:
+    """A job of the caller's tenant; any other job is indistinguishable from a missing one."""
+    job = session.execute(
+        select(Job).where(Job.id == job_id, Job.tenant_id == principal.tenant_id)
+    ).scalar_one_or_none()
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+def job_state(session: Session, job_id: str) -> JobState:
+    """A job's current state, read fresh."""
+    return JobState(session.execute(select(Job.state).where(Job.id == job_id)).scalar_one())
+
+
+def public_status(job: Job) -> str:
+    """Segmind's four states: QUEUED, PROCESSING, COMPLETED, FAILED."""
+    return PUBLIC_STATUS[JobState(job.state)]
+
+
+def results_expired(job: Job, now: datetime | None = None) -> bool:
+    """Whether the job's results are past their retention (served never again)."""
+    if job.results_deleted_at is not None:
+        return True
+    return job.expires_at is not None and job.expires_at <= (now or utcnow())
+
+
+def ensure_results_retained(job: Job) -> None:
+    """ResultsExpired unless the job's results may still be served."""
+    if results_expired(job):
+        expired = job.expires_at.isoformat() if job.expires_at else "earlier"
+        raise ResultsExpired(
+            f"The results of request {job.id} expired at {expired} and were deleted"
+        )
+
+
+def expired_results(session: Session, limit: int) -> dict[str, list[str]]:
+    """Up to `limit` ended jobs past retention whose results still exist, with their keys."""
+    job_ids = list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                RETAINED,
+                Job.expires_at <= utcnow(),
+                Job.state.in_([s.value for s in TERMINAL_STATES]),
+            )
+            .order_by(Job.expires_at)
+            .limit(limit)
+        )
+    )
+    keys: dict[str, list[str]] = {job_id: [] for job_id in job_ids}
+    for job_id, key in session.execute(
+        select(JobImage.job_id, JobImage.storage_key).where(JobImage.job_id.in_(job_ids))
+    ):
+        keys[job_id].append(key)
+    return keys
+
+
+# ---------------------------------------------------------------- lines and the fair order
+
+
+def load_lines(session: Session) -> list[UserLine]:
+    """Every user with jobs waiting or in flight: one row each, whatever their queue depth."""
+    tenant = aliased(Tenant)
+    rows = session.execute(
+        select(
+            UserQueue.user_id,
+            UserQueue.tenant_id,
+            User.weight,
+            tenant.weight.label("tenant_weight"),
+            UserQueue.waiting,
+            UserQueue.in_flight,
+            UserQueue.waiting_work,
+            UserQueue.head_seq,
+            UserQueue.head_job_id,
+            UserQueue.head_created_at,
+            UserQueue.tail_job_id,
+            UserQueue.tail_created_at,
+        )
+        .join(User, User.id == UserQueue.user_id)
+        .join(tenant, tenant.id == UserQueue.tenant_id)
+        .where(ACTIVE_LINE)
+    ).all()
+    lines = []
+    for row in rows:
+        head = tail = None
+        if row.waiting:
+            head = QueuedJob(
+                row.head_job_id, row.tenant_id, row.user_id, row.head_created_at, seq=row.head_seq
+            )
+            tail = QueuedJob(
+                row.tail_job_id,
+                row.tenant_id,
+                row.user_id,
+                row.tail_created_at,
+                seq=row.head_seq + row.waiting - 1,
+            )
+        lines.append(
+            UserLine(
+                user_id=row.user_id,
+                tenant_id=row.tenant_id,
+                weight=row.weight,
+                tenant_weight=row.tenant_weight,
+                waiting=row.waiting,
+                in_flight=row.in_flight,
+                waiting_work=work_units(row.waiting_work),
+                head=head,
+                tail=tail,
+                head_seq=row.head_seq,
+            )
+        )
+    return lines
+
+
+def fetch_next_waiting(
+    session: Session, line: UserLine, after: QueuedJob, limit: int
+) -> list[QueuedJob]:
+    """The user's waiting jobs after `after`, first in first out (an index range read)."""
+    rows = session.execute(
+        select(Job.id, Job.created_at, Job.work, Job.queue_seq)
+        .where(WAITING, Job.user_id == line.user_id, Job.queue_seq > after.seq)
+        .order_by(Job.queue_seq)
+        .limit(limit)
+    ).all()
+    return [
+        QueuedJob(
+            job_id=row.id,
+            tenant_id=line.tenant_id,
+            user_id=line.user_id,
+            created_at=row.created_at,
+            work=work_units(row.work),
+            seq=row.queue_seq,
+        )
+        for row in rows
+    ]
+
+
+def resolve_keys(
+    session: Session, asked: list[tuple[UserLine, int]]
+) -> dict[tuple[int, int], JobKey]:
+    """The (created_at, id) of each user's k-th waiting job asked for, in one indexed read."""
+    wanted = {(line.user_id, line.head_seq + k - 1): (line.user_id, k) for line, k in asked}
+    rows = session.execute(
+        select(Job.user_id, Job.queue_seq, Job.created_at, Job.id).where(
+            WAITING, tuple_(Job.user_id, Job.queue_seq).in_(list(wanted))
+        )
+    ).all()
+    return {wanted[(row.user_id, row.queue_seq)]: (row.created_at, row.id) for row in rows}
+
+
+def next_in_fair_order(session: Session, slots: int, max_running_per_user: int) -> list[QueuedJob]:
+    """The next `slots` waiting jobs the fair-share policy releases, skipping capped users."""
+    if slots <= 0:
+        return []
+    lines = load_lines(session)
+    merge = FairMerge(
+        lines, lambda line, after, limit: fetch_next_waiting(session, line, after, limit)
+    )
+    return pick_for_release(merge, slots, share_state(lines), max_running_per_user)
+
+
+@dataclass(frozen=True)
+class QueuePlace:
+    """Where a queued job stands: how many jobs start before it, and their work."""
+
+    position: int
+    work_ahead: float
+
+
+def queue_place(session: Session, job: Job) -> QueuePlace:
+    """The job's place in the order the dispatcher follows (0: next), computed exactly.
+
+    Released jobs go first, in release order; then the waiting jobs in fair-share
+    order, counted from the users' lines (see `shared.fairshare.jobs_ahead`).
+    """
+    released = session.execute(
+        select(Job.id, Job.released_at, Job.work).where(RELEASED).order_by(Job.released_at, Job.id)
+    ).all()
+    if job.released_at is not None:
+        first = [row for row in released if (row.released_at, row.id) < (job.released_at, job.id)]
+        return QueuePlace(len(first), sum(work_units(row.work) for row in first))
+    lines = load_lines(session)
+    own = next(line for line in lines if line.user_id == job.user_id)
+    queued = QueuedJob(job.id, job.tenant_id, job.user_id, job.created_at, job_work(job))
+    ahead = jobs_ahead(
+        lines, queued, job.queue_seq - own.head_seq + 1, lambda keys: resolve_keys(session, keys)
+    )
+    return QueuePlace(
+        position=len(released) + ahead.jobs,
+        work_ahead=sum(work_units(row.work) for row in released) + ahead.work,
+    )
+
+
+def estimate_wait_seconds(
+    work_before: float, own_work: float, seconds_per_unit: list[float], workers: int
+) -> float | None:
+    """Seconds until a job finishes: the work before it spread over the workers, then its own.
+
+    None while no worker has measured its speed yet.
+    """
+    if not seconds_per_unit:
+        return None
+    speed = sum(seconds_per_unit) / len(seconds_per_unit)
+    return (work_before / max(1, workers) + own_work) * speed
+
+
+# ---------------------------------------------------------------- load and recovery
+
+
+@dataclass(frozen=True)
+class Load:
+    """How busy the farm is: jobs rendering, and jobs released but not yet claimed."""
+
+    running: int
+    released: int
+
+
+def current_load(session: Session) -> Load:
+    """Count RUNNING jobs and released, unclaimed QUEUED jobs (two partial-index counts)."""
+    running = session.execute(select(func.count()).select_from(Job).where(RUNNING)).scalar_one()
+    released = session.execute(select(func.count()).select_from(Job).where(RELEASED)).scalar_one()
+    return Load(running=running, released=released)
+
+
+def stale_releases(session: Session, older_than: datetime, limit: int) -> list[str]:
+    """Released, unclaimed jobs released before `older_than`, oldest first."""
+    if limit <= 0:
+        return []
+    return list(
+        session.execute(
+            select(Job.id)
+            .where(RELEASED, Job.released_at < older_than, Job.cancel_requested.is_(False))
+            .order_by(Job.released_at, Job.id)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def expired_leases(session: Session, now: datetime, limit: int) -> list[str]:
+    """RUNNING jobs whose lease lapsed before `now` (their worker stopped renewing)."""
+    return list(
+        session.execute(
+            select(Job.id)
+            .where(RUNNING, Job.lease_expires_at < now)
+            .order_by(Job.lease_expires_at)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def past_deadline(session: Session, now: datetime, limit: int) -> list[str]:
+    """QUEUED jobs whose deadline passed."""
+    return list(
+        session.execute(
+            select(Job.id)
+            .where(
+                LIVE_DEADLINE,
+                Job.state == JobState.QUEUED.value,
+                Job.deadline_at < now,
+            )
+            .order_by(Job.deadline_at)
+            .limit(limit)
+        ).scalars()
+    )

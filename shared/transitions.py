@@ -1,0 +1,661 @@
+"""Every change of a job's state, with the user's line and the ledger entries that go with it.
+
+The one module that writes jobs. Each change is a conditional UPDATE on the job
+row; every write a worker makes carries the attempt number it claimed with (a
+fencing token), so a redelivered or stale message can never deliver, charge or
+settle twice. The user's line (`user_queues`) and the ledger change in the same
+transaction as the job, so they are right after any crash.
+
+A job's life: submitted (QUEUED, waiting in its user's line) -> released by the
+dispatcher (QUEUED, in flight) -> claimed by a worker (RUNNING) -> ended
+(COMPLETED, FAILED or CANCELLED, its unspent hold released). A released job can
+go back in line (its message was lost); a RUNNING one too (its lease lapsed).
+
+Locks: a transaction locks the user's line row before any of that user's job
+rows, and only the dispatcher holds more than one line, so transactions never
+wait on each other in a cycle.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Final
+
+from sqlalchemy import case, func, select, update
+from sqlalchemy.orm import Session
+
+from shared.accounts import Principal
+from shared.errors import StaleAttempt, TooManyJobs
+from shared.fairshare import QueuedJob
+from shared.ledger import capture_image_credit, hold_credits, release_hold
+from shared.models import Job, JobImage, JobState, UserQueue, utcnow
+from shared.params import EXTENSIONS, MAX_SEED, RANDOM_SEED, KolorsParams
+from shared.pricing import price_per_image
+from shared.queries import (
+    RELEASED,
+    RUNNING,
+    WAITING,
+    expired_leases,
+    get_job,
+    next_in_fair_order,
+    past_deadline,
+)
+
+DEADLINE_ERROR: Final = "The request's deadline passed; undelivered images were not charged"
+CANCELLED_ERROR: Final = "Cancelled by the user"
+_LIVE: Final = (JobState.QUEUED.value, JobState.RUNNING.value)
+# A user's jobs get strictly increasing submission times, whatever the hosts' clocks do.
+_TICK: Final = timedelta(microseconds=1)
+# A rendered job whose cancel arrived mid-render ends CANCELLED, keeping what it delivered.
+_FINISHED_STATE = case(
+    (Job.cancel_requested.is_(True), JobState.CANCELLED.value), else_=JobState.COMPLETED.value
+)
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    """What a worker needs to render a claimed job; a snapshot, free of any session."""
+
+    job_id: str
+    user_id: int
+    tenant_id: int
+    attempt: int
+    params: KolorsParams
+    seed: int
+    delivered: frozenset[int]
+    deadline_at: datetime | None = None
+
+    def image_seed(self, index: int) -> int:
+        """The seed of image `index` (base seed + index, modulo 2^32)."""
+        return (self.seed + index) % (MAX_SEED + 1)
+
+    def pending_indices(self) -> list[int]:
+        """Image indices not yet delivered by an earlier attempt."""
+        return [i for i in range(self.params.number_of_images) if i not in self.delivered]
+
+
+def new_job_id() -> str:
+    """A new, unguessable job id."""
+    return uuid.uuid4().hex
+
+
+def resolve_seed(requested: int) -> int:
+    """The base seed a job will use: the requested one, or a random one for -1."""
+    return secrets.randbelow(MAX_SEED + 1) if requested == RANDOM_SEED else requested
+
+
+def image_storage_key(tenant_id: int, job_id: str, index: int, output_format: str) -> str:
+    """Deterministic object key of a job's image, so a redelivered upload overwrites."""
+    return f"{tenant_id}/{job_id}/{index}.{EXTENSIONS[output_format]}"
+
+
+def pixel_steps(params: KolorsParams) -> int:
+    """A request's size: width x height x steps x images."""
+    return params.width * params.height * params.steps * params.number_of_images
+
+
+# ---------------------------------------------------------------- the user's line
+
+
+@dataclass
+class _Line:
+    """A user's line row, locked for this transaction, with the changes to write back."""
+
+    user_id: int
+    waiting: int
+    in_flight: int
+    waiting_work: int
+    head_seq: int
+    last_created_at: datetime | None
+    ends_moved: bool = False
+
+
+def _lock_line(session: Session, user_id: int) -> _Line:
+    """Lock the user's line (PostgreSQL row lock; SQLite's write lock is already held)."""
+    row = session.execute(
+        select(
+            UserQueue.waiting,
+            UserQueue.in_flight,
+            UserQueue.waiting_work,
+            UserQueue.head_seq,
+            UserQueue.last_created_at,
+        )
+        .where(UserQueue.user_id == user_id)
+        .with_for_update()
+    ).one()
+    return _Line(
+        user_id, row.waiting, row.in_flight, row.waiting_work, row.head_seq, row.last_created_at
+    )
+
+
+def _lock_line_of_job(session: Session, job_id: str) -> _Line | None:
+    user_id = session.execute(select(Job.user_id).where(Job.id == job_id)).scalar_one_or_none()
+    return None if user_id is None else _lock_line(session, user_id)
+
+
+def _save_line(session: Session, line: _Line) -> None:
+    """Write the line's counters back, and its first and last waiting jobs if they moved."""
+    values: dict[str, Any] = {
+        "waiting": line.waiting,
+        "in_flight": line.in_flight,
+        "waiting_work": line.waiting_work,
+        "head_seq": line.head_seq,
+        "last_created_at": line.last_created_at,
+    }
+    if line.ends_moved:
+        ends = {
+            row.queue_seq: row
+            for row in session.execute(
+                select(Job.id, Job.created_at, Job.queue_seq).where(
+                    WAITING,
+                    Job.user_id == line.user_id,
+                    Job.queue_seq.in_([line.head_seq, line.head_seq + line.waiting - 1]),
+                )
+            )
+        }
+        head = ends.get(line.head_seq) if line.waiting else None
+        tail = ends.get(line.head_seq + line.waiting - 1) if line.waiting else None
+        values |= {
+            "head_job_id": head.id if head else None,
+            "head_created_at": head.created_at if head else None,
+            "tail_job_id": tail.id if tail else None,
+            "tail_created_at": tail.created_at if tail else None,
+        }
+    session.execute(update(UserQueue).where(UserQueue.user_id == line.user_id).values(**values))
+
+
+def _leave_line(session: Session, line: _Line, job_id: str, seq: int, work: int) -> None:
+    """Close the gap a job left in its line (it is no longer waiting).
+
+    The shorter side of the line moves by one, so taking the first or the last
+    job costs nothing, and one from the middle at most half the line.
+    """
+    rank = seq - line.head_seq
+    behind = line.waiting - 1 - rank
+    if rank <= behind:
+        if rank > 0:
+            session.execute(
+                update(Job)
+                .where(
+                    WAITING,
+                    Job.user_id == line.user_id,
+                    Job.queue_seq < seq,
+                    Job.id != job_id,
+                )
+                .values(queue_seq=Job.queue_seq + 1)
+            )
+        line.head_seq += 1
+    elif behind > 0:
+        session.execute(
+            update(Job)
+            .where(WAITING, Job.user_id == line.user_id, Job.queue_seq > seq, Job.id != job_id)
+            .values(queue_seq=Job.queue_seq - 1)
+        )
+    line.waiting -= 1
+    line.waiting_work -= work
+    line.ends_moved = True
+
+
+def _enter_line(
+    session: Session, line: _Line, job_id: str, created_at: datetime, work: int
+) -> None:
+    """Put a job (already waiting, its number not yet set) in its first-in, first-out place."""
+    rank = 0
+    head = session.execute(
+        select(Job.created_at, Job.id).where(
+            WAITING, Job.user_id == line.user_id, Job.queue_seq == line.head_seq, Job.id != job_id
+        )
+    ).first()
+    # A job coming back (a lapsed lease, a lost message) is usually older than the whole line.
+    if line.waiting and head is not None and (created_at, job_id) > (head.created_at, head.id):
+        rank = session.execute(
+            select(func.count())
+            .select_from(Job)
+            .where(
+                WAITING,
+                Job.user_id == line.user_id,
+                Job.id != job_id,
+                (Job.created_at < created_at)
+                | ((Job.created_at == created_at) & (Job.id < job_id)),
+            )
+        ).scalar_one()
+    if rank <= line.waiting - rank:
+        if rank > 0:
+            session.execute(
+                update(Job)
+                .where(
+                    WAITING,
+                    Job.user_id == line.user_id,
+                    Job.queue_seq < line.head_seq + rank,
+                    Job.id != job_id,
+                )
+                .values(queue_seq=Job.queue_seq - 1)
+            )
+        line.head_seq -= 1
+    else:
+        session.execute(
+            update(Job)
+            .where(
+                WAITING,
+                Job.user_id == line.user_id,
+                Job.queue_seq >= line.head_seq + rank,
+                Job.id != job_id,
+            )
+            .values(queue_seq=Job.queue_seq + 1)
+        )
+    session.execute(update(Job).where(Job.id == job_id).values(queue_seq=line.head_seq + rank))
+    line.waiting += 1
+    line.waiting_work += work
+    line.ends_moved = True
+
+
+def _end_job(
+    session: Session, line: _Line, job_id: str, conditions: list[Any], values: dict[str, Any]
+) -> str | None:
+    """End a live job (the only place that does): its line, then its hold released.
+
+    Returns the state it ended in, or None if `conditions` no longer hold.
+    """
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_(_LIVE), *conditions)
+        .values(finished_at=utcnow(), lease_expires_at=None, **values)
+        .returning(Job.released_at, Job.queue_seq, Job.work, Job.state)
+    ).first()
+    if row is None:
+        return None
+    if row.released_at is None:
+        _leave_line(session, line, job_id, row.queue_seq, row.work)
+    else:
+        line.in_flight -= 1
+    _save_line(session, line)
+    release_hold(session, line.user_id, job_id)
+    state: str = row.state
+    return state
+
+
+# ---------------------------------------------------------------- submit and release
+
+
+def submit_job(
+    session: Session,
+    principal: Principal,
+    params: KolorsParams,
+    reference_price: Decimal,
+    *,
+    max_live_jobs: int | None = None,
+    deadline: timedelta | None = None,
+    retention: timedelta | None = None,
+) -> Job:
+    """Record a QUEUED job at the end of its user's line and hold its full price.
+
+    NotEnoughCredits or TooManyJobs roll the caller's transaction back, so a
+    refused request leaves nothing behind.
+    """
+    line = _lock_line(session, principal.user_id)
+    if max_live_jobs is not None and line.waiting + line.in_flight >= max_live_jobs:
+        raise TooManyJobs(
+            f"You have {max_live_jobs} requests queued or running, the most allowed; "
+            "retry when some have finished",
+            retry_after_s=10,
+        )
+    unit_price = price_per_image(params.width, params.height, params.steps, reference_price)
+    now = utcnow()
+    created_at = now
+    if line.last_created_at is not None and created_at <= line.last_created_at:
+        created_at = line.last_created_at + _TICK
+    job = Job(
+        id=new_job_id(),
+        tenant_id=principal.tenant_id,
+        user_id=principal.user_id,
+        state=JobState.QUEUED.value,
+        params=params.render_fields(),
+        seed=resolve_seed(params.seed),
+        number_of_images=params.number_of_images,
+        price_per_image=unit_price,
+        created_at=created_at,
+        deadline_at=now + deadline if deadline is not None else None,
+        expires_at=now + retention if retention is not None else None,
+        queue_seq=line.head_seq + line.waiting,
+        work=pixel_steps(params),
+    )
+    session.add(job)
+    session.flush()
+    hold_credits(session, principal.user_id, job.id, unit_price * params.number_of_images)
+    line.waiting += 1
+    line.waiting_work += job.work
+    line.last_created_at = created_at
+    line.ends_moved = True
+    _save_line(session, line)
+    return job
+
+
+def release_jobs(session: Session, jobs: list[QueuedJob]) -> list[str]:
+    """Mark jobs released (in flight), in the order given; return those still waiting."""
+    released_at = utcnow()
+    released: set[str] = set()
+    by_user: dict[int, list[QueuedJob]] = {}
+    for job in jobs:
+        by_user.setdefault(job.user_id, []).append(job)
+    for user_id in sorted(by_user):  # lines in one order: no lock cycle with anyone
+        line = _lock_line(session, user_id)
+        for job in by_user[user_id]:
+            row = session.execute(
+                update(Job)
+                .where(Job.id == job.job_id, WAITING, Job.cancel_requested.is_(False))
+                .values(released_at=released_at)
+                .returning(Job.queue_seq, Job.work)
+            ).first()
+            if row is None:
+                continue
+            _leave_line(session, line, job.job_id, row.queue_seq, row.work)
+            line.in_flight += 1
+            released.add(job.job_id)
+        _save_line(session, line)
+    return [job.job_id for job in jobs if job.job_id in released]
+
+
+def unrelease_job(session: Session, job_id: str) -> None:
+    """Put a released job back in line (its message could not be published)."""
+    line = _lock_line_of_job(session, job_id)
+    if line is None:
+        return
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, RELEASED)
+        .values(released_at=None)
+        .returning(Job.created_at, Job.work)
+    ).first()
+    if row is None:
+        return
+    line.in_flight -= 1
+    _enter_line(session, line, job_id, row.created_at, row.work)
+    _save_line(session, line)
+
+
+def touch_release(session: Session, job_id: str) -> None:
+    """Restart a released job's clock after its message was published again."""
+    session.execute(update(Job).where(Job.id == job_id, RELEASED).values(released_at=utcnow()))
+
+
+# ---------------------------------------------------------------- the worker's writes
+
+
+def claim_job(session: Session, job_id: str, worker: str, lease: timedelta) -> RenderSpec | None:
+    """Take a released job for rendering (attempt + 1); None if it is not claimable.
+
+    A job that is still waiting its turn is not claimable: the dispatcher, not a
+    stray message, decides what starts.
+    """
+    now = utcnow()
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, RELEASED, Job.cancel_requested.is_(False))
+        .values(
+            state=JobState.RUNNING.value,
+            attempt=Job.attempt + 1,
+            worker=worker,
+            started_at=func.coalesce(Job.started_at, now),
+            lease_expires_at=now + lease,
+        )
+        .returning(Job.attempt, Job.user_id, Job.tenant_id, Job.params, Job.seed, Job.deadline_at)
+    ).first()
+    if row is None:
+        return None
+    delivered: frozenset[int] = frozenset()
+    if row.attempt > 1:  # only an earlier attempt can have delivered images
+        delivered = frozenset(
+            session.execute(select(JobImage.index).where(JobImage.job_id == job_id)).scalars()
+        )
+    return RenderSpec(
+        job_id=job_id,
+        user_id=row.user_id,
+        tenant_id=row.tenant_id,
+        attempt=row.attempt,
+        params=KolorsParams.model_validate(row.params),
+        seed=row.seed,
+        delivered=delivered,
+        deadline_at=row.deadline_at,
+    )
+
+
+def renew_lease(session: Session, job_id: str, attempt: int, lease: timedelta) -> bool:
+    """Extend a running job's lease; False if `attempt` no longer holds it."""
+    renewed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
+        .values(lease_expires_at=utcnow() + lease)
+        .returning(Job.id)
+    ).scalar_one_or_none()
+    return renewed is not None
+
+
+def record_image(
+    session: Session,
+    job_id: str,
+    attempt: int,
+    index: int,
+    *,
+    seed: int,
+    storage_key: str,
+    content_type: str,
+    size_bytes: int,
+    generation: dict[str, Any] | None = None,
+) -> None:
+    """Record one stored image and capture its price; StaleAttempt if the claim was lost."""
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
+        .values(images_done=Job.images_done + 1)
+        .returning(Job.user_id, Job.price_per_image)
+    ).first()
+    if row is None:
+        raise StaleAttempt(f"job {job_id} is no longer held by attempt {attempt}")
+    session.add(
+        JobImage(
+            job_id=job_id,
+            index=index,
+            seed=seed,
+            storage_key=storage_key,
+            content_type=content_type,
+            size_bytes=size_bytes,
+            attempt=attempt,
+            generation=generation,
+        )
+    )
+    capture_image_credit(session, row.user_id, job_id, row.price_per_image)
+
+
+def finish_job(
+    session: Session, job_id: str, attempt: int, stopped_because: str | None = None
+) -> JobState:
+    """End a rendered job: COMPLETED, or CANCELLED if a cancel arrived; release the rest.
+
+    `stopped_because` says why the worker stopped early (a deadline); the job ends
+    CANCELLED with that error.
+    """
+    values: dict[str, Any] = {"state": _FINISHED_STATE}
+    if stopped_because is not None:
+        values = {
+            "state": JobState.CANCELLED.value,
+            "cancel_requested": True,
+            "error": stopped_because,
+        }
+    line = _lock_line_of_job(session, job_id)
+    state = None
+    if line is not None:
+        conditions = [Job.attempt == attempt, Job.state == JobState.RUNNING.value]
+        state = _end_job(session, line, job_id, conditions, values)
+    if state is None:
+        raise StaleAttempt(f"job {job_id} is no longer held by attempt {attempt}")
+    return JobState(state)
+
+
+def fail_job(session: Session, job_id: str, error: str, attempt: int | None = None) -> bool:
+    """Mark a live job FAILED with `error` and release its hold; False if it was not live."""
+    conditions: list[Any] = []
+    if attempt is not None:
+        # A worker's failure counts only while its claim holds: a requeued job keeps its
+        # attempt number until the next claim, so the state must be checked too.
+        conditions = [Job.attempt == attempt, Job.state == JobState.RUNNING.value]
+    line = _lock_line_of_job(session, job_id)
+    if line is None:
+        return False
+    values = {"state": JobState.FAILED.value, "error": error}
+    return _end_job(session, line, job_id, conditions, values) is not None
+
+
+# ---------------------------------------------------------------- the user's and the dispatcher's
+
+
+def cancel_job(session: Session, principal: Principal, job_id: str) -> Job:
+    """Cancel a job: a queued one ends now, a running one stops at its next step."""
+    job = get_job(session, principal, job_id)
+    if job.state == JobState.QUEUED.value:
+        line = _lock_line(session, job.user_id)
+        _end_job(
+            session,
+            line,
+            job_id,
+            [Job.state == JobState.QUEUED.value],
+            {
+                "state": JobState.CANCELLED.value,
+                "cancel_requested": True,
+                "error": CANCELLED_ERROR,
+            },
+        )
+    elif job.state == JobState.RUNNING.value:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+            .values(cancel_requested=True, error=CANCELLED_ERROR)
+        )
+    session.refresh(job)
+    return job
+
+
+@dataclass(frozen=True)
+class LeaseOutcome:
+    """What recovery did with a job whose lease expired: QUEUED, FAILED or CANCELLED."""
+
+    job_id: str
+    attempt: int
+    state: JobState
+
+    @property
+    def requeued(self) -> bool:
+        """Whether the job went back in line for another attempt."""
+        return self.state == JobState.QUEUED
+
+
+def recover_expired_leases(
+    session: Session, max_attempts: int, limit: int = 500
+) -> list[LeaseOutcome]:
+    """Settle RUNNING jobs whose lease expired: requeue, fail or cancel them.
+
+    A job is failed once it has used `max_attempts`, and ends CANCELLED when a cancel
+    (or its deadline) arrived before its worker died.
+    """
+    now = utcnow()
+    outcomes: list[LeaseOutcome] = []
+    for job_id in expired_leases(session, now, limit):
+        line = _lock_line_of_job(session, job_id)
+        row = session.execute(
+            select(Job.attempt, Job.cancel_requested).where(
+                Job.id == job_id, Job.state == JobState.RUNNING.value, Job.lease_expires_at < now
+            )
+        ).first()
+        if line is None or row is None:
+            continue
+        still_expired = [
+            Job.attempt == row.attempt,
+            Job.state == JobState.RUNNING.value,
+            Job.lease_expires_at < now,
+        ]
+        if row.cancel_requested:
+            values = {"state": JobState.CANCELLED.value}
+            if _end_job(session, line, job_id, still_expired, values):
+                outcomes.append(LeaseOutcome(job_id, row.attempt, JobState.CANCELLED))
+            continue
+        if row.attempt >= max_attempts:
+            error = (
+                f"The render was lost {row.attempt} times (its worker stopped); "
+                "the credits for undelivered images were released"
+            )
+            values = {"state": JobState.FAILED.value, "error": error}
+            if _end_job(session, line, job_id, still_expired, values):
+                outcomes.append(LeaseOutcome(job_id, row.attempt, JobState.FAILED))
+            continue
+        requeued = session.execute(
+            update(Job)
+            .where(Job.id == job_id, *still_expired, Job.cancel_requested.is_(False))
+            .values(
+                state=JobState.QUEUED.value,
+                worker=None,
+                lease_expires_at=None,
+                released_at=None,
+            )
+            .returning(Job.created_at, Job.work)
+        ).first()
+        if requeued is not None:
+            line.in_flight -= 1
+            _enter_line(session, line, job_id, requeued.created_at, requeued.work)
+            _save_line(session, line)
+            outcomes.append(LeaseOutcome(job_id, row.attempt, JobState.QUEUED))
+    return outcomes
+
+
+@dataclass(frozen=True)
+class DeadlineOutcome:
+    """Jobs whose deadline passed: queued ones were cancelled, running ones must stop."""
+
+    cancelled: list[str]
+    running: list[str]
+
+
+def enforce_deadlines(session: Session, limit: int = 500) -> DeadlineOutcome:
+    """Cancel queued jobs past their deadline; flag running ones to stop."""
+    now = utcnow()
+    cancelled = []
+    for job_id in past_deadline(session, now, limit):
+        line = _lock_line_of_job(session, job_id)
+        if line is None:
+            continue
+        ended = _end_job(
+            session,
+            line,
+            job_id,
+            [Job.state == JobState.QUEUED.value, Job.deadline_at < now],
+            {
+                "state": JobState.CANCELLED.value,
+                "cancel_requested": True,
+                "error": DEADLINE_ERROR,
+            },
+        )
+        if ended is not None:
+            cancelled.append(job_id)
+    running = session.execute(
+        update(Job)
+        .where(RUNNING, Job.deadline_at < now, Job.cancel_requested.is_(False))
+        .values(cancel_requested=True, error=DEADLINE_ERROR)
+        .returning(Job.id)
+    ).scalars()
+    return DeadlineOutcome(cancelled=cancelled, running=list(running))
+
+
+def mark_results_deleted(session: Session, job_id: str) -> None:
+    """Record that a job's stored results are gone."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.results_deleted_at.is_(None))
+        .values(results_deleted_at=utcnow())
+    )
+
+
+def release_next_jobs(session: Session, slots: int, max_running_per_user: int) -> list[str]:
+    """Release up to `slots` waiting jobs in fair-share order; return their ids."""
+    return release_jobs(session, next_in_fair_order(session, slots, max_running_per_user))
