@@ -115,20 +115,39 @@ def read_progress(client: redis.Redis, job_id: str) -> Progress | None:
     )
 
 
+# Every worker that sent a heartbeat, scored by when it expires: finding the live ones
+# reads this set, never the whole keyspace (which holds a key per job's progress).
+WORKERS_KEY: Final = f"{_PREFIX}:workers"
+
+
 def record_heartbeat(client: redis.Redis, name: str, info: dict[str, Any], ttl_s: float) -> None:
     """Mark a worker alive for `ttl_s` seconds with a little about it."""
-    client.set(worker_key(name), json.dumps(info), px=int(ttl_s * 1000))
+    now = time.time()
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set(worker_key(name), json.dumps(info), px=int(ttl_s * 1000))
+        pipe.zadd(WORKERS_KEY, {name: now + ttl_s})
+        pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - 3600)  # long gone
+        pipe.execute()
+
+
+def forget_worker(client: redis.Redis, name: str) -> None:
+    """Remove a stopping worker at once instead of when its heartbeat expires."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.delete(worker_key(name))
+        pipe.zrem(WORKERS_KEY, name)
+        pipe.execute()
 
 
 def live_workers(client: redis.Redis) -> dict[str, dict[str, Any]]:
     """Workers whose heartbeat has not expired, by name."""
-    found: dict[str, dict[str, Any]] = {}
-    for key in client.scan_iter(match=worker_key("*"), count=100):
-        raw = client.get(key)
-        if raw is not None:
-            name = key.decode().removeprefix(worker_key(""))
-            found[name] = json.loads(raw)
-    return found
+    members: list[bytes] = client.zrangebyscore(WORKERS_KEY, time.time(), "+inf")  # type: ignore[assignment]
+    names = [member.decode() for member in members]
+    if not names:
+        return {}
+    values: list[bytes | None] = client.mget([worker_key(name) for name in names])  # type: ignore[assignment]
+    return {
+        name: json.loads(raw) for name, raw in zip(names, values, strict=True) if raw is not None
+    }
 
 
 def cancel_key(job_id: str) -> str:

@@ -445,8 +445,16 @@ def record_image(
     content_type: str,
     size_bytes: int,
     generation: dict[str, Any] | None = None,
-) -> None:
-    """Record one stored image and capture its price; StaleAttempt if the claim was lost."""
+    finish: bool = False,
+    stopped_because: str | None = None,
+) -> JobState | None:
+    """Record one stored image and capture its price; StaleAttempt if the claim was lost.
+
+    With `finish`, the job also ends in the same transaction (its last image): one
+    commit instead of two. Returns the state it ended in, else None.
+    """
+    # Ending locks the user's line, which must come before the job row (see the module).
+    line = _lock_line_of_job(session, job_id) if finish else None
     row = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
@@ -468,6 +476,26 @@ def record_image(
         )
     )
     capture_image_credit(session, row.user_id, job_id, row.price_per_image)
+    if line is None:
+        return None
+    return _finish(session, line, job_id, attempt, stopped_because)
+
+
+def _finish(
+    session: Session, line: _Line, job_id: str, attempt: int, stopped_because: str | None
+) -> JobState:
+    values: dict[str, Any] = {"state": _FINISHED_STATE}
+    if stopped_because is not None:
+        values = {
+            "state": JobState.CANCELLED.value,
+            "cancel_requested": True,
+            "error": stopped_because,
+        }
+    conditions = [Job.attempt == attempt, Job.state == JobState.RUNNING.value]
+    state = _end_job(session, line, job_id, conditions, values)
+    if state is None:
+        raise StaleAttempt(f"job {job_id} is no longer held by attempt {attempt}")
+    return JobState(state)
 
 
 def finish_job(
@@ -478,21 +506,10 @@ def finish_job(
     `stopped_because` says why the worker stopped early (a deadline); the job ends
     CANCELLED with that error.
     """
-    values: dict[str, Any] = {"state": _FINISHED_STATE}
-    if stopped_because is not None:
-        values = {
-            "state": JobState.CANCELLED.value,
-            "cancel_requested": True,
-            "error": stopped_because,
-        }
     line = _lock_line_of_job(session, job_id)
-    state = None
-    if line is not None:
-        conditions = [Job.attempt == attempt, Job.state == JobState.RUNNING.value]
-        state = _end_job(session, line, job_id, conditions, values)
-    if state is None:
-        raise StaleAttempt(f"job {job_id} is no longer held by attempt {attempt}")
-    return JobState(state)
+    if line is None:
+        raise StaleAttempt(f"job {job_id} does not exist")
+    return _finish(session, line, job_id, attempt, stopped_because)
 
 
 def fail_job(session: Session, job_id: str, error: str, attempt: int | None = None) -> bool:

@@ -10,7 +10,7 @@ import threading
 
 from celery import Celery
 
-from shared.events import record_heartbeat, worker_key
+from shared.events import forget_worker, record_heartbeat
 from shared.queue import RENDER_QUEUE, RENDER_TASK, make_celery
 from shared.resources import open_resources
 from shared.settings import Settings
@@ -89,7 +89,7 @@ def run_worker(settings: Settings, device: str | None, name: str | None) -> int:
         )
     finally:
         stop.set()
-        context.redis.delete(worker_key(name))
+        forget_worker(context.redis, name)
     return 0
 
 
