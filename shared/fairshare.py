@@ -394,18 +394,15 @@ def _tie_is_ahead(
     return tie.index < older
 
 
-def jobs_ahead(lines: Sequence[UserLine], job: QueuedJob, rank: int, resolve: ResolveKeys) -> Ahead:
-    """The waiting jobs that come before `job`, the `rank`-th waiting job of its user.
+def ahead_in_tenant(
+    tenant_lines: Sequence[UserLine], job: QueuedJob, rank: int, resolve: ResolveKeys
+) -> Ahead:
+    """The waiting jobs of `job`'s own tenant that come before it (it is its user's rank-th).
 
-    `lines` holds every user with jobs waiting or in flight. Ties in virtual time
-    are broken by age, which needs the key of the tied job: the line's ends give
-    it, or tell whether it is older; otherwise `resolve` reads it (at most two
-    calls, each with every key still needed).
+    `tenant_lines` holds every line of the tenant with jobs waiting or in flight.
     """
     target = job_key(job)
-    own = next(line for line in lines if line.user_id == job.user_id)
-    tenant_lines = [line for line in lines if line.tenant_id == own.tenant_id]
-    # Within the job's tenant: its users' lines against the job's own virtual time.
+    own = next(line for line in tenant_lines if line.user_id == job.user_id)
     numerator, denominator = own.in_flight + rank, max(1, own.weight)
     count, work, uncertain = rank - 1, (rank - 1) * own.mean_work, 0
     pending: list[tuple[UserLine, int]] = []
@@ -432,34 +429,51 @@ def jobs_ahead(lines: Sequence[UserLine], job: QueuedJob, rank: int, resolve: Re
             count += 1
             work += line.mean_work
             uncertain += key is None
-    # Across tenants: the job's tenant-level virtual time against every other tenant.
-    tenant_numerator = sum(line.in_flight for line in tenant_lines) + count + 1
-    tenant_denominator = max(1, own.tenant_weight)
-    others: dict[int, list[UserLine]] = defaultdict(list)
-    for line in lines:
-        if line.tenant_id != own.tenant_id:
-            others[line.tenant_id].append(line)
+    return Ahead(count, work, uncertain)
+
+
+def tenant_virtual_time(tenant_lines: Sequence[UserLine], jobs_before: int) -> tuple[int, int]:
+    """The tenant-level virtual time (numerator, denominator) of its job after `jobs_before`."""
+    active = sum(line.in_flight for line in tenant_lines)
+    return active + jobs_before + 1, max(1, tenant_lines[0].tenant_weight)
+
+
+def tenant_counts(
+    group: Sequence[UserLine], numerator: int, denominator: int
+) -> tuple[int, int | None, float]:
+    """How many of a tenant's waiting jobs precede a tenant-level virtual time, and which ties.
+
+    Also returns their mean work.
+    """
+    size = sum(line.waiting for line in group)
+    if size == 0:
+        return 0, None, 0.0
+    mean = sum(line.waiting_work for line in group) / size
+    strict, tie = _count_before(
+        numerator,
+        denominator,
+        max(1, group[0].tenant_weight),
+        sum(line.in_flight for line in group),
+        size,
+    )
+    return strict, tie, mean
+
+
+def tied_jobs_ahead(
+    ties: Sequence[tuple[Sequence[UserLine], int]], job: QueuedJob, resolve: ResolveKeys
+) -> Ahead:
+    """Of tenants whose rank-th job ties with `job` in virtual time: how many tied jobs are older.
+
+    Each entry is a tenant's lines and the tied rank; the tenant's mean work counts per job.
+    """
+    target = job_key(job)
+    count, work, uncertain = 0, 0.0, 0
     tenant_ties: list[_TenantTie] = []
-    for group in others.values():
-        size = sum(line.waiting for line in group)
-        if size == 0:
-            continue
-        mean = sum(line.waiting_work for line in group) / size
-        strict, tie = _count_before(
-            tenant_numerator,
-            tenant_denominator,
-            max(1, group[0].tenant_weight),
-            sum(line.in_flight for line in group),
-            size,
-        )
-        count += strict
-        work += strict * mean
-        if tie is None:
-            continue
-        found = _tenant_tie(group, tie, target)
+    for group, rank in ties:
+        found = _tenant_tie(list(group), rank, target)
         if found is True:
             count += 1
-            work += mean
+            work += sum(line.waiting_work for line in group) / sum(line.waiting for line in group)
         elif isinstance(found, _TenantTie):
             tenant_ties.append(found)
     asked = [
@@ -475,4 +489,33 @@ def jobs_ahead(lines: Sequence[UserLine], job: QueuedJob, rank: int, resolve: Re
             count += 1
             work += found.mean_work
             uncertain += ahead is None
-    return Ahead(jobs=count, work=work, uncertain=uncertain)
+    return Ahead(count, work, uncertain)
+
+
+def jobs_ahead(lines: Sequence[UserLine], job: QueuedJob, rank: int, resolve: ResolveKeys) -> Ahead:
+    """The waiting jobs that come before `job`, the `rank`-th waiting job of its user.
+
+    `lines` holds every user with jobs waiting or in flight. Ties in virtual time
+    are broken by age, which needs the key of the tied job: the line's ends give
+    it, or tell whether it is older; otherwise `resolve` reads it (at most two
+    calls, each with every key still needed). The database computes the same sum
+    across tenants in SQL (see `shared.queries.queue_place`).
+    """
+    own_tenant = next(line.tenant_id for line in lines if line.user_id == job.user_id)
+    tenant_lines = [line for line in lines if line.tenant_id == own_tenant]
+    inside = ahead_in_tenant(tenant_lines, job, rank, resolve)
+    numerator, denominator = tenant_virtual_time(tenant_lines, inside.jobs)
+    others: dict[int, list[UserLine]] = defaultdict(list)
+    for line in lines:
+        if line.tenant_id != own_tenant:
+            others[line.tenant_id].append(line)
+    count, work = inside.jobs, inside.work
+    ties: list[tuple[Sequence[UserLine], int]] = []
+    for group in others.values():
+        strict, tie, mean = tenant_counts(group, numerator, denominator)
+        count += strict
+        work += strict * mean
+        if tie is not None:
+            ties.append((group, tie))
+    tied = tied_jobs_ahead(ties, job, resolve)
+    return Ahead(count + tied.jobs, work + tied.work, inside.uncertain + tied.uncertain)

@@ -7,23 +7,40 @@ one row per active user (`user_queues`) plus indexed reads of single jobs.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-from sqlalchemy import func, select, text, tuple_
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    and_,
+    case,
+    cast,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    tuple_,
+)
 from sqlalchemy.orm import Session, aliased
 
 from shared.accounts import Principal
 from shared.errors import JobNotFound, ResultsExpired
 from shared.fairshare import (
+    Ahead,
     FairMerge,
     JobKey,
     QueuedJob,
     UserLine,
-    jobs_ahead,
+    ahead_in_tenant,
     pick_for_release,
     share_state,
+    tenant_virtual_time,
+    tied_jobs_ahead,
 )
 from shared.models import (
     ACTIVE_LINE_SQL,
@@ -43,13 +60,13 @@ from shared.models import (
 )
 
 # Literal predicates (not bound parameters), so SQLite and PostgreSQL both match them
-# to the partial indexes of the same text.
-WAITING: Final = text(WAITING_SQL)
-RELEASED: Final = text(RELEASED_SQL)
-RUNNING: Final = text(RUNNING_SQL)
-ACTIVE_LINE: Final = text(ACTIVE_LINE_SQL)
-RETAINED: Final = text(RETAINED_SQL)
-LIVE_DEADLINE: Final = text(LIVE_DEADLINE_SQL)
+# to the partial indexes of the same text; parenthesized, as text is not grouped.
+WAITING: Final = text(f"({WAITING_SQL})")
+RELEASED: Final = text(f"({RELEASED_SQL})")
+RUNNING: Final = text(f"({RUNNING_SQL})")
+ACTIVE_LINE: Final = text(f"({ACTIVE_LINE_SQL})")
+RETAINED: Final = text(f"({RETAINED_SQL})")
+LIVE_DEADLINE: Final = text(f"({LIVE_DEADLINE_SQL})")
 
 ONE_MEGA_STEP: Final = 1024 * 1024  # the work unit: one 1024x1024 image at one step
 
@@ -133,10 +150,10 @@ def expired_results(session: Session, limit: int) -> dict[str, list[str]]:
 # ---------------------------------------------------------------- lines and the fair order
 
 
-def load_lines(session: Session) -> list[UserLine]:
-    """Every user with jobs waiting or in flight: one row each, whatever their queue depth."""
+def load_lines(session: Session, tenants: Collection[int] | None = None) -> list[UserLine]:
+    """The users with jobs waiting or in flight (of `tenants`, or all): one row each."""
     tenant = aliased(Tenant)
-    rows = session.execute(
+    query = (
         select(
             UserQueue.user_id,
             UserQueue.tenant_id,
@@ -154,7 +171,10 @@ def load_lines(session: Session) -> list[UserLine]:
         .join(User, User.id == UserQueue.user_id)
         .join(tenant, tenant.id == UserQueue.tenant_id)
         .where(ACTIVE_LINE)
-    ).all()
+    )
+    if tenants is not None:
+        query = query.where(UserQueue.tenant_id.in_(list(tenants)))
+    rows = session.execute(query).all()
     lines = []
     for row in rows:
         head = tail = None
@@ -223,14 +243,63 @@ def resolve_keys(
 
 
 def next_in_fair_order(session: Session, slots: int, max_running_per_user: int) -> list[QueuedJob]:
-    """The next `slots` waiting jobs the fair-share policy releases, skipping capped users."""
+    """The next `slots` waiting jobs the fair-share policy releases, skipping capped users.
+
+    Only tenants whose first job is among the first `slots` first jobs can supply
+    any of the first `slots` jobs, so only their lines are read (more while capped
+    users are skipped).
+    """
     if slots <= 0:
         return []
-    lines = load_lines(session)
-    merge = FairMerge(
-        lines, lambda line, after, limit: fetch_next_waiting(session, line, after, limit)
+    wanted = slots + 8  # a margin: candidates are ranked in floating point
+    while True:
+        tenants = _first_tenants(session, wanted)
+        lines = load_lines(session, tenants)
+        merge = FairMerge(
+            lines, lambda line, after, limit: fetch_next_waiting(session, line, after, limit)
+        )
+        picked = pick_for_release(merge, slots, share_state(lines), max_running_per_user)
+        if len(picked) >= slots or len(tenants) < wanted:
+            return picked
+        wanted *= 4  # capped users were skipped: look further
+
+
+def _first_tenants(session: Session, limit: int) -> list[int]:
+    """The `limit` tenants whose next jobs come first: by tenant virtual time, then age."""
+    user_vt = cast(UserQueue.in_flight + 1, Float) / User.weight
+    ranked = (
+        select(
+            UserQueue.tenant_id,
+            UserQueue.waiting,
+            UserQueue.head_created_at,
+            UserQueue.head_job_id,
+            func.row_number()
+            .over(
+                partition_by=UserQueue.tenant_id,
+                order_by=(
+                    (UserQueue.waiting == 0),
+                    user_vt,
+                    UserQueue.head_created_at,
+                    UserQueue.head_job_id,
+                ),
+            )
+            .label("place"),
+            func.sum(UserQueue.in_flight).over(partition_by=UserQueue.tenant_id).label("active"),
+        )
+        .join(User, User.id == UserQueue.user_id)
+        .where(ACTIVE_LINE)
+        .subquery()
     )
-    return pick_for_release(merge, slots, share_state(lines), max_running_per_user)
+    tenant_vt = cast(ranked.c.active + 1, Float) / Tenant.weight
+    return list(
+        session.execute(
+            select(ranked.c.tenant_id)
+            .join(Tenant, Tenant.id == ranked.c.tenant_id)
+            .where(ranked.c.place == 1, ranked.c.waiting > 0)
+            .order_by(tenant_vt, ranked.c.head_created_at, ranked.c.head_job_id)
+            .limit(limit)
+        ).scalars()
+    )
 
 
 @dataclass(frozen=True)
@@ -245,7 +314,9 @@ def queue_place(session: Session, job: Job) -> QueuePlace:
     """The job's place in the order the dispatcher follows (0: next), computed exactly.
 
     Released jobs go first, in release order; then the waiting jobs in fair-share
-    order, counted from the users' lines (see `shared.fairshare.jobs_ahead`).
+    order: those of the job's own tenant from its users' lines, those of every
+    other tenant summed by the database from the lines' counts (one row per user,
+    whatever the depth), ties in virtual time decided by age.
     """
     released = session.execute(
         select(Job.id, Job.released_at, Job.work).where(RELEASED).order_by(Job.released_at, Job.id)
@@ -253,16 +324,110 @@ def queue_place(session: Session, job: Job) -> QueuePlace:
     if job.released_at is not None:
         first = [row for row in released if (row.released_at, row.id) < (job.released_at, job.id)]
         return QueuePlace(len(first), sum(work_units(row.work) for row in first))
-    lines = load_lines(session)
-    own = next(line for line in lines if line.user_id == job.user_id)
+    resolve = lambda keys: resolve_keys(session, keys)  # noqa: E731
+    tenant_lines = load_lines(session, [job.tenant_id])
+    own = next(line for line in tenant_lines if line.user_id == job.user_id)
     queued = QueuedJob(job.id, job.tenant_id, job.user_id, job.created_at, job_work(job))
-    ahead = jobs_ahead(
-        lines, queued, job.queue_seq - own.head_seq + 1, lambda keys: resolve_keys(session, keys)
-    )
+    inside = ahead_in_tenant(tenant_lines, queued, job.queue_seq - own.head_seq + 1, resolve)
+    numerator, denominator = tenant_virtual_time(tenant_lines, inside.jobs)
+    across, tied_ranks = _other_tenants_ahead(session, job, numerator, denominator)
+    tied = Ahead(0, 0.0)
+    if tied_ranks:
+        groups: dict[int, list[UserLine]] = defaultdict(list)
+        for line in load_lines(session, list(tied_ranks)):
+            groups[line.tenant_id].append(line)
+        ties = [(groups[tenant], rank) for tenant, rank in tied_ranks.items()]
+        tied = tied_jobs_ahead(ties, queued, resolve)
     return QueuePlace(
-        position=len(released) + ahead.jobs,
-        work_ahead=sum(work_units(row.work) for row in released) + ahead.work,
+        position=len(released) + inside.jobs + across.jobs + tied.jobs,
+        work_ahead=sum(work_units(row.work) for row in released)
+        + inside.work
+        + across.work
+        + tied.work,
     )
+
+
+def _other_tenants_ahead(
+    session: Session, job: Job, numerator: int, denominator: int
+) -> tuple[Ahead, dict[int, int]]:
+    """Jobs of the other tenants before the tenant-level virtual time numerator/denominator.
+
+    One aggregate over the active lines (one row per user). Ties that the tenant's
+    one line, or its first and last jobs, decide are counted here; the others come
+    back as {tenant: tied rank} for `tied_jobs_ahead`.
+    """
+    sums = (
+        select(
+            UserQueue.tenant_id.label("tenant_id"),
+            func.max(Tenant.weight).label("weight"),
+            func.sum(UserQueue.in_flight).label("active"),
+            func.sum(UserQueue.waiting).label("size"),
+            func.sum(UserQueue.waiting_work).label("work"),
+            func.sum(case((UserQueue.waiting > 0, 1), else_=0)).label("users"),
+            func.min(UserQueue.head_created_at).label("head_at"),
+            func.min(UserQueue.head_job_id).label("head_id"),
+            func.max(UserQueue.tail_created_at).label("tail_at"),
+            func.max(UserQueue.tail_job_id).label("tail_id"),
+        )
+        .join(Tenant, Tenant.id == UserQueue.tenant_id)
+        .where(ACTIVE_LINE, UserQueue.tenant_id != job.tenant_id)
+        .group_by(UserQueue.tenant_id)
+        .subquery()
+    )
+    p = literal(numerator, BigInteger)
+    q = literal(denominator, BigInteger)
+    scaled = p * sums.c.weight - sums.c.active * q
+    after = (scaled + q - 1) // q - 1  # ceil(scaled / q) - 1, for scaled > 0
+    strict = case((scaled <= 0, 0), (after >= sums.c.size, sums.c.size), else_=after)
+    tie = case((and_(scaled > 0, scaled % q == 0, scaled / q <= sums.c.size), scaled / q), else_=0)
+    counted = (
+        select(
+            sums.c.tenant_id,
+            sums.c.size,
+            sums.c.work,
+            sums.c.users,
+            sums.c.head_at,
+            sums.c.head_id,
+            sums.c.tail_at,
+            sums.c.tail_id,
+            strict.label("strict"),
+            tie.label("tie"),
+        )
+        .where(sums.c.size > 0)
+        .subquery()
+    )
+    c = counted.c
+    born = job.created_at
+    head_older = or_(c.head_at < born, and_(c.head_at == born, c.head_id < job.id))
+    tail_older = or_(c.tail_at < born, and_(c.tail_at == born, c.tail_id < job.id))
+    single = c.users == 1
+    # Decided in SQL: the tied job is the one line's first or last job, or all of the
+    # tenant's waiting jobs are older (or younger) than this one.
+    tie_ahead = case(
+        (c.tie == 0, 0),
+        (and_(single, c.tie == 1), case((head_older, 1), else_=0)),
+        (and_(single, c.tie == c.size), case((tail_older, 1), else_=0)),
+        (c.tail_at < born, 1),
+        (c.head_at > born, 0),
+        else_=None,
+    )
+    mean = cast(c.work, Float) / c.size
+    totals = session.execute(
+        select(
+            func.coalesce(func.sum(c.strict), 0),
+            func.coalesce(func.sum(c.strict * mean), 0.0),
+            func.coalesce(func.sum(tie_ahead), 0),
+            func.coalesce(func.sum(tie_ahead * mean), 0.0),
+        )
+    ).one()
+    open_ties = session.execute(
+        select(c.tenant_id, c.tie).where(c.tie > 0, tie_ahead.is_(None))
+    ).all()
+    ahead = Ahead(
+        jobs=int(totals[0]) + int(totals[2]),
+        work=work_units(1) * (float(totals[1]) + float(totals[3])),
+    )
+    return ahead, {row.tenant_id: int(row.tie) for row in open_ties}
 
 
 def estimate_wait_seconds(

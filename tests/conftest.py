@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -17,7 +18,7 @@ import redis
 import sqlalchemy
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
@@ -26,7 +27,9 @@ from control.processes import free_port
 from shared.accounts import Principal, create_user
 from shared.db import make_engine, make_session_factory, transaction
 from shared.events import make_redis
+from shared.fairshare import QueuedJob, ShareState
 from shared.migrate import migrate_database
+from shared.models import Job, Tenant, User
 from shared.resources import Resources
 from shared.settings import Settings
 from shared.storage import ResultStorage, make_storage
@@ -218,10 +221,32 @@ def resources_for(
 
 def release_job(session: Session, job_id: str) -> str:
     """Release one waiting job, as the dispatcher would, so that a worker may claim it."""
-    from shared.fairshare import QueuedJob
-    from shared.models import Job
     from shared.transitions import release_jobs
 
     job = session.get_one(Job, job_id)
     release_jobs(session, [QueuedJob(job.id, job.tenant_id, job.user_id, job.created_at)])
     return job_id
+
+
+def exact_queue(session: Session) -> tuple[list[QueuedJob], ShareState]:
+    """The whole queue read row by row (what the scheduler must never do), for comparison."""
+    waiting = [
+        QueuedJob(job.id, job.tenant_id, job.user_id, job.created_at)
+        for job in session.execute(
+            select(Job).where(Job.state == "QUEUED", Job.released_at.is_(None))
+        ).scalars()
+    ]
+    flying = session.execute(
+        select(Job.tenant_id, Job.user_id).where(
+            (Job.state == "RUNNING") | ((Job.state == "QUEUED") & Job.released_at.is_not(None))
+        )
+    ).all()
+    tenant_weights = session.execute(select(Tenant.id, Tenant.weight))
+    user_weights = session.execute(select(User.id, User.weight))
+    state = ShareState(
+        tenant_active=Counter(row.tenant_id for row in flying),
+        user_active=Counter(row.user_id for row in flying),
+        tenant_weight={row.id: row.weight for row in tenant_weights},
+        user_weight={row.id: row.weight for row in user_weights},
+    )
+    return waiting, state

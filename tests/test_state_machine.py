@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.accounts import Principal, create_user, set_tenant_weight, set_user_weight
 from shared.db import make_engine, make_session_factory, transaction
 from shared.errors import JobNotFound, NotEnoughCredits, StaleAttempt
-from shared.fairshare import QueuedJob, ShareState, fair_order, pick_for_release
+from shared.fairshare import fair_order, pick_for_release
 from shared.ledger import get_balance, held_for_job, ledger_balance
 from shared.migrate import migrate_database
 from shared.models import (
@@ -52,7 +52,6 @@ from shared.models import (
     JobState,
     LedgerEntry,
     LedgerKind,
-    Tenant,
     User,
     UserQueue,
     utcnow,
@@ -75,7 +74,7 @@ from shared.transitions import (
     submit_job,
     unrelease_job,
 )
-from tests.conftest import empty_database, make_user, release_job
+from tests.conftest import empty_database, exact_queue, make_user, release_job
 
 REFERENCE_PRICE = Decimal("1")
 LEASE = timedelta(minutes=5)
@@ -121,8 +120,6 @@ LEDGER_TOTALS = select(
         0,
     ),
 )
-TENANT_WEIGHTS = select(Tenant.id, Tenant.weight)
-USER_WEIGHTS = select(User.id, User.weight)
 IMAGES_PER_JOB = select(JobImage.job_id, func.count()).group_by(JobImage.job_id)
 ENTRIES_PER_JOB = (
     select(LedgerEntry.job_id, LedgerEntry.kind, func.count())
@@ -623,30 +620,6 @@ class JobLedgerMachine(RuleBasedStateMachine):
             assert not (view.state == JobState.QUEUED and view.cancel_requested), (
                 f"a queued job no worker may ever claim: {view}"
             )
-
-
-def exact_queue(session: Session) -> tuple[list[QueuedJob], ShareState]:
-    """The whole queue read row by row (what the scheduler must never do), for comparison."""
-    waiting = [
-        QueuedJob(job.id, job.tenant_id, job.user_id, job.created_at)
-        for job in session.execute(
-            select(Job).where(Job.state == "QUEUED", Job.released_at.is_(None))
-        ).scalars()
-    ]
-    flying = session.execute(
-        select(Job.tenant_id, Job.user_id).where(
-            (Job.state == "RUNNING") | ((Job.state == "QUEUED") & Job.released_at.is_not(None))
-        )
-    ).all()
-    state = ShareState(
-        tenant_active=Counter(row.tenant_id for row in flying),
-        user_active=Counter(row.user_id for row in flying),
-        tenant_weight={
-            row.id: row.weight for row in session.execute(select(Tenant.id, Tenant.weight))
-        },
-        user_weight={row.id: row.weight for row in session.execute(select(User.id, User.weight))},
-    )
-    return waiting, state
 
 
 class PostgresJobLedgerMachine(JobLedgerMachine):
