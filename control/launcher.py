@@ -32,7 +32,8 @@ from shared.settings import Settings
 log = logging.getLogger("kolors_farm.up")
 STARTUP_TIMEOUT_S = 600.0
 REDIS_CHILD = "redis"
-# Quick exits in a row (each within a minute of starting) after which `up` gives up.
+# Quick exits in a row (each within a minute of starting), before the farm is ready,
+# after which `up` gives up.
 GIVE_UP_AFTER = 5
 
 
@@ -102,7 +103,8 @@ def farm_specs(
 def run_farm(settings: Settings, host: str, port: int, cpu_workers: int) -> int:
     """Run the farm until Ctrl-C or SIGTERM, restarting any child that dies; the exit code.
 
-    Gives up (exit 1) only when a child keeps dying soon after it starts.
+    Gives up (exit 1) only when, before the farm is ready, a child keeps dying
+    soon after it starts (a broken model path, a port in use).
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     log.info("data dir %s", settings.data_dir)
@@ -140,6 +142,9 @@ def run_farm(settings: Settings, host: str, port: int, cpu_workers: int) -> int:
             log.error("the farm did not become ready within %.0f s", STARTUP_TIMEOUT_S)
             return 1
         _print_banner(url)
+        # Up and serving: from now on a dying child is restarted however often it dies
+        # (a job that crashes its worker is failed after its attempts; the API stays up).
+        supervisor.give_up_after = None
         while not stopping:
             supervisor.poll()
             time.sleep(0.5)

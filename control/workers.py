@@ -66,12 +66,19 @@ def worker_plan(
             (f"gpu{d}@{host}", {"CUDA_VISIBLE_DEVICES": d, "KOLORS_FARM_DEVICE": "cuda:0"})
             for d in devices
         ]
-    # CPU workers split the cores: oversubscribed OpenMP threads spin and slow every render.
+    # CPU workers split the cores, and their OpenMP threads sleep rather than spin while
+    # they wait: the API, the dispatcher and Redis share these cores, and spinning
+    # threads that lose their core slow every render several times over.
     threads = str(max(1, (os.cpu_count() or 1) // cpu_workers))
     return [
         (
             f"cpu{i}@{host}",
-            {"CUDA_VISIBLE_DEVICES": "", "KOLORS_FARM_DEVICE": "cpu", "OMP_NUM_THREADS": threads},
+            {
+                "CUDA_VISIBLE_DEVICES": "",
+                "KOLORS_FARM_DEVICE": "cpu",
+                "OMP_NUM_THREADS": threads,
+                "OMP_WAIT_POLICY": "PASSIVE",
+            },
         )
         for i in range(cpu_workers)
     ]
