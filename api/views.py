@@ -18,9 +18,9 @@ from shared.db import read_only, transaction
 from shared.errors import InvalidLink, InvalidParams
 from shared.events import (
     DISPATCH_LOCK_KEY,
+    fleet,
     live_workers,
     read_progress,
-    render_speeds,
     request_cancel,
     wait_for_job,
     wake_dispatcher,
@@ -234,8 +234,8 @@ def job_status(job_id: str) -> Response:
         "steps": steps,
     }
     if job.state in (JobState.QUEUED.value, JobState.RUNNING.value):
-        workers = live_workers(context.redis)
-        speeds = list(render_speeds(context.redis, workers).values())
+        workers, speed_of = fleet(context.redis)
+        speeds = list(speed_of.values())
         own_work = job_work(job)
         if place is not None:
             body["queue_position"] = place.position

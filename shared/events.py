@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -27,11 +27,6 @@ def job_channel(job_id: str) -> str:
 def progress_key(job_id: str) -> str:
     """The hash holding a running job's step progress."""
     return f"{_PREFIX}:job:{job_id}:progress"
-
-
-def worker_key(name: str) -> str:
-    """The expiring key a live worker refreshes."""
-    return f"{_PREFIX}:worker:{name}"
 
 
 def make_redis(url: str) -> redis.Redis:
@@ -115,38 +110,61 @@ def read_progress(client: redis.Redis, job_id: str) -> Progress | None:
     )
 
 
-# Every worker that sent a heartbeat, scored by when it expires: finding the live ones
-# reads this set, never the whole keyspace (which holds a key per job's progress).
+# Live workers: a set scored by when each heartbeat expires, and a hash of what each
+# said last. Reading them is one round trip, whatever else the keyspace holds (a key
+# per job's progress, for instance).
 WORKERS_KEY: Final = f"{_PREFIX}:workers"
+WORKERS_INFO_KEY: Final = f"{_PREFIX}:workers:info"
 
 
 def record_heartbeat(client: redis.Redis, name: str, info: dict[str, Any], ttl_s: float) -> None:
     """Mark a worker alive for `ttl_s` seconds with a little about it."""
     now = time.time()
     with client.pipeline(transaction=False) as pipe:
-        pipe.set(worker_key(name), json.dumps(info), px=int(ttl_s * 1000))
+        pipe.hset(WORKERS_INFO_KEY, name, json.dumps(info))
         pipe.zadd(WORKERS_KEY, {name: now + ttl_s})
-        pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - 3600)  # long gone
-        pipe.execute()
+        pipe.zrangebyscore(WORKERS_KEY, "-inf", now - 3600)  # gone for an hour
+        gone: list[bytes] = pipe.execute()[-1]
+    if gone:
+        forget_workers(client, [member.decode() for member in gone])
 
 
 def forget_worker(client: redis.Redis, name: str) -> None:
     """Remove a stopping worker at once instead of when its heartbeat expires."""
+    forget_workers(client, [name])
+
+
+def forget_workers(client: redis.Redis, names: list[str]) -> None:
+    """Remove workers from the live set and their status and speed."""
     with client.pipeline(transaction=False) as pipe:
-        pipe.delete(worker_key(name))
-        pipe.zrem(WORKERS_KEY, name)
+        pipe.hdel(WORKERS_INFO_KEY, *names)
+        pipe.zrem(WORKERS_KEY, *names)
+        pipe.hdel(SPEED_KEY, *names)
         pipe.execute()
 
 
+def _live(names: list[bytes], infos: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
+    return {name.decode(): json.loads(infos[name]) for name in names if name in infos}
+
+
 def live_workers(client: redis.Redis) -> dict[str, dict[str, Any]]:
-    """Workers whose heartbeat has not expired, by name."""
-    members: list[bytes] = client.zrangebyscore(WORKERS_KEY, time.time(), "+inf")  # type: ignore[assignment]
-    names = [member.decode() for member in members]
-    if not names:
-        return {}
-    values: list[bytes | None] = client.mget([worker_key(name) for name in names])  # type: ignore[assignment]
-    return {
-        name: json.loads(raw) for name, raw in zip(names, values, strict=True) if raw is not None
+    """Workers whose heartbeat has not expired, by name, with what they said last."""
+    return fleet(client)[0]
+
+
+def fleet(client: redis.Redis) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """The live workers and the measured render speeds of those that have rendered.
+
+    One round trip.
+    """
+    with client.pipeline(transaction=False) as pipe:
+        pipe.zrangebyscore(WORKERS_KEY, time.time(), "+inf")
+        pipe.hgetall(WORKERS_INFO_KEY)
+        pipe.hgetall(SPEED_KEY)
+        names, infos, speeds = pipe.execute()
+    workers = _live(names, infos)
+    return workers, {
+        name: float(speeds[name.encode()]) for name in workers if name.encode() in speeds
     }
 
 
@@ -196,12 +214,3 @@ def record_render_speed(client: redis.Redis, worker: str, seconds_per_unit: floa
     if previous is not None:
         value = _SPEED_WEIGHT * seconds_per_unit + (1 - _SPEED_WEIGHT) * float(previous)
     client.hset(SPEED_KEY, worker, f"{value:.6g}")
-
-
-def render_speeds(client: redis.Redis, workers: Iterable[str]) -> dict[str, float]:
-    """Measured seconds per work unit of the named workers that have rendered."""
-    names = list(workers)
-    if not names:
-        return {}
-    values = client.hmget(SPEED_KEY, names)
-    return {name: float(v) for name, v in zip(names, values, strict=True) if v is not None}
