@@ -11,12 +11,16 @@ from collections import defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy import (
     BigInteger,
     Float,
+    Integer,
+    Select,
+    String,
     and_,
+    bindparam,
     case,
     cast,
     func,
@@ -347,15 +351,12 @@ def queue_place(session: Session, job: Job) -> QueuePlace:
     )
 
 
-def _other_tenants_ahead(
-    session: Session, job: Job, numerator: int, denominator: int
-) -> tuple[Ahead, dict[int, int]]:
-    """Jobs of the other tenants before the tenant-level virtual time numerator/denominator.
-
-    One aggregate over the active lines (one row per user). Ties that the tenant's
-    one line, or its first and last jobs, decide are counted here; the others come
-    back as {tenant: tied rank} for `tied_jobs_ahead`.
-    """
+def _other_tenants_statement() -> Select[tuple[int, int | None, Any, Any, Any, Any]]:
+    """The aggregate `_other_tenants_ahead` runs, built once (parameters bound per call)."""
+    p = bindparam("numerator", type_=BigInteger)
+    q = bindparam("denominator", type_=BigInteger)
+    born = bindparam("born", type_=Job.created_at.type)
+    job_id = bindparam("job_id", type_=String)
     sums = (
         select(
             UserQueue.tenant_id.label("tenant_id"),
@@ -370,16 +371,16 @@ def _other_tenants_ahead(
             func.max(UserQueue.tail_job_id).label("tail_id"),
         )
         .join(Tenant, Tenant.id == UserQueue.tenant_id)
-        .where(ACTIVE_LINE, UserQueue.tenant_id != job.tenant_id)
+        .where(ACTIVE_LINE, UserQueue.tenant_id != bindparam("tenant", type_=Integer))
         .group_by(UserQueue.tenant_id)
         .subquery()
     )
-    p = literal(numerator, BigInteger)
-    q = literal(denominator, BigInteger)
     scaled = p * sums.c.weight - sums.c.active * q
     after = (scaled + q - 1) // q - 1  # ceil(scaled / q) - 1, for scaled > 0
     strict = case((scaled <= 0, 0), (after >= sums.c.size, sums.c.size), else_=after)
-    tie = case((and_(scaled > 0, scaled % q == 0, scaled / q <= sums.c.size), scaled / q), else_=0)
+    tie = case(
+        (and_(scaled > 0, scaled % q == 0, scaled // q <= sums.c.size), scaled // q), else_=0
+    )
     counted = (
         select(
             sums.c.tenant_id,
@@ -394,15 +395,14 @@ def _other_tenants_ahead(
             tie.label("tie"),
         )
         .where(sums.c.size > 0)
-        .subquery()
+        .cte("counted")
     )
     c = counted.c
-    born = job.created_at
-    head_older = or_(c.head_at < born, and_(c.head_at == born, c.head_id < job.id))
-    tail_older = or_(c.tail_at < born, and_(c.tail_at == born, c.tail_id < job.id))
+    head_older = or_(c.head_at < born, and_(c.head_at == born, c.head_id < job_id))
+    tail_older = or_(c.tail_at < born, and_(c.tail_at == born, c.tail_id < job_id))
     single = c.users == 1
     # Decided in SQL: the tied job is the one line's first or last job, or all of the
-    # tenant's waiting jobs are older (or younger) than this one.
+    # tenant's waiting jobs are older (or younger) than this one; else NULL (undecided).
     tie_ahead = case(
         (c.tie == 0, 0),
         (and_(single, c.tie == 1), case((head_older, 1), else_=0)),
@@ -412,22 +412,49 @@ def _other_tenants_ahead(
         else_=None,
     )
     mean = cast(c.work, Float) / c.size
-    totals = session.execute(
-        select(
-            func.coalesce(func.sum(c.strict), 0),
-            func.coalesce(func.sum(c.strict * mean), 0.0),
-            func.coalesce(func.sum(tie_ahead), 0),
-            func.coalesce(func.sum(tie_ahead * mean), 0.0),
-        )
-    ).one()
-    open_ties = session.execute(
-        select(c.tenant_id, c.tie).where(c.tie > 0, tie_ahead.is_(None))
-    ).all()
-    ahead = Ahead(
-        jobs=int(totals[0]) + int(totals[2]),
-        work=work_units(1) * (float(totals[1]) + float(totals[3])),
+    totals = select(
+        literal(0).label("kind"),
+        literal(None, Integer).label("tenant_id"),
+        func.coalesce(func.sum(c.strict + func.coalesce(tie_ahead, 0)), 0),
+        func.coalesce(func.sum((c.strict + func.coalesce(tie_ahead, 0)) * mean), 0.0),
+        literal(0, BigInteger),
+        literal(0.0, Float),
     )
-    return ahead, {row.tenant_id: int(row.tie) for row in open_ties}
+    undecided = select(
+        literal(1), c.tenant_id, c.tie, literal(0.0, Float), literal(0, BigInteger), literal(0.0)
+    ).where(c.tie > 0, tie_ahead.is_(None))
+    return totals.union_all(undecided)  # type: ignore[return-value]
+
+
+_OTHER_TENANTS = _other_tenants_statement()
+
+
+def _other_tenants_ahead(
+    session: Session, job: Job, numerator: int, denominator: int
+) -> tuple[Ahead, dict[int, int]]:
+    """Jobs of the other tenants before the tenant-level virtual time numerator/denominator.
+
+    One aggregate over the active lines (one row per user). Ties that the tenant's
+    one line, or its first and last jobs, decide are counted here; the others come
+    back as {tenant: tied rank} for `tied_jobs_ahead`.
+    """
+    rows = session.execute(
+        _OTHER_TENANTS,
+        {
+            "tenant": job.tenant_id,
+            "numerator": numerator,
+            "denominator": denominator,
+            "born": job.created_at,
+            "job_id": job.id,
+        },
+    ).all()
+    ahead, undecided = Ahead(0, 0.0), {}
+    for kind, tenant_id, jobs, work, _, _ in rows:
+        if kind == 0:
+            ahead = Ahead(jobs=int(jobs), work=work_units(1) * float(work))
+        else:
+            undecided[int(tenant_id)] = int(jobs)
+    return ahead, undecided
 
 
 def estimate_wait_seconds(
