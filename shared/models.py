@@ -167,7 +167,6 @@ class Job(Base):
             "images_done >= 0 AND images_done <= number_of_images", name="images_done_valid"
         ),
         CheckConstraint("attempt >= 0", name="attempt_non_negative"),
-        Index("ix_jobs_state_created_at", "state", "created_at"),
         # Partial indexes: each serves one scheduling read without touching the jobs
         # that wait in line (there may be millions) or the history.
         Index(

@@ -24,13 +24,12 @@ from sqlalchemy import (
     case,
     cast,
     func,
-    literal,
     or_,
     select,
     text,
     tuple_,
 )
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from shared.accounts import Principal
 from shared.errors import JobNotFound, ResultsExpired
@@ -154,57 +153,66 @@ def expired_results(session: Session, limit: int) -> dict[str, list[str]]:
 # ---------------------------------------------------------------- lines and the fair order
 
 
+_LINES = (
+    select(
+        UserQueue.user_id,
+        UserQueue.tenant_id,
+        User.weight,
+        Tenant.weight.label("tenant_weight"),
+        UserQueue.waiting,
+        UserQueue.in_flight,
+        UserQueue.waiting_work,
+        UserQueue.head_seq,
+        UserQueue.head_job_id,
+        UserQueue.head_created_at,
+        UserQueue.tail_job_id,
+        UserQueue.tail_created_at,
+    )
+    .join(User, User.id == UserQueue.user_id)
+    .join(Tenant, Tenant.id == UserQueue.tenant_id)
+    .where(ACTIVE_LINE)
+)
+_LINES_OF_TENANTS = _LINES.where(UserQueue.tenant_id.in_(bindparam("tenants", expanding=True)))
+
+
 def load_lines(session: Session, tenants: Collection[int] | None = None) -> list[UserLine]:
     """The users with jobs waiting or in flight (of `tenants`, or all): one row each."""
-    tenant = aliased(Tenant)
-    query = (
-        select(
-            UserQueue.user_id,
-            UserQueue.tenant_id,
-            User.weight,
-            tenant.weight.label("tenant_weight"),
-            UserQueue.waiting,
-            UserQueue.in_flight,
-            UserQueue.waiting_work,
-            UserQueue.head_seq,
-            UserQueue.head_job_id,
-            UserQueue.head_created_at,
-            UserQueue.tail_job_id,
-            UserQueue.tail_created_at,
-        )
-        .join(User, User.id == UserQueue.user_id)
-        .join(tenant, tenant.id == UserQueue.tenant_id)
-        .where(ACTIVE_LINE)
-    )
-    if tenants is not None:
-        query = query.where(UserQueue.tenant_id.in_(list(tenants)))
-    rows = session.execute(query).all()
+    if tenants is None:
+        rows = session.execute(_LINES).all()
+    else:
+        rows = session.execute(_LINES_OF_TENANTS, {"tenants": list(tenants)}).all()
     lines = []
-    for row in rows:
+    for (
+        user_id,
+        tenant_id,
+        weight,
+        tenant_weight,
+        waiting,
+        in_flight,
+        waiting_work,
+        head_seq,
+        head_id,
+        head_at,
+        tail_id,
+        tail_at,
+    ) in rows:
         head = tail = None
-        if row.waiting:
-            head = QueuedJob(
-                row.head_job_id, row.tenant_id, row.user_id, row.head_created_at, seq=row.head_seq
-            )
-            tail = QueuedJob(
-                row.tail_job_id,
-                row.tenant_id,
-                row.user_id,
-                row.tail_created_at,
-                seq=row.head_seq + row.waiting - 1,
-            )
+        if waiting:  # a line with jobs waiting always names its first and last
+            assert head_id and head_at and tail_id and tail_at
+            head = QueuedJob(head_id, tenant_id, user_id, head_at, 0.0, head_seq)
+            tail = QueuedJob(tail_id, tenant_id, user_id, tail_at, 0.0, head_seq + waiting - 1)
         lines.append(
             UserLine(
-                user_id=row.user_id,
-                tenant_id=row.tenant_id,
-                weight=row.weight,
-                tenant_weight=row.tenant_weight,
-                waiting=row.waiting,
-                in_flight=row.in_flight,
-                waiting_work=work_units(row.waiting_work),
-                head=head,
-                tail=tail,
-                head_seq=row.head_seq,
+                user_id,
+                tenant_id,
+                weight,
+                tenant_weight,
+                waiting,
+                in_flight,
+                work_units(waiting_work),
+                head,
+                tail,
+                head_seq,
             )
         )
     return lines
@@ -351,17 +359,51 @@ def queue_place(session: Session, job: Job) -> QueuePlace:
     )
 
 
-def _other_tenants_statement() -> Select[tuple[int, int | None, Any, Any, Any, Any]]:
-    """The aggregate `_other_tenants_ahead` runs, built once (parameters bound per call)."""
+def _other_tenants_statements() -> tuple[Select[Any], Select[Any], Select[Any]]:
+    """The aggregates `_other_tenants_ahead` runs, built once (parameters bound per call).
+
+    The first sums the jobs strictly ahead in every other tenant and counts the ties
+    (a tenant whose k-th job has the same virtual time); only when there are some
+    does the second decide them from the tenants' first and last jobs, and the
+    third list the ones it could not decide.
+    """
     p = bindparam("numerator", type_=BigInteger)
     q = bindparam("denominator", type_=BigInteger)
     born = bindparam("born", type_=Job.created_at.type)
     job_id = bindparam("job_id", type_=String)
-    sums = (
+    other_tenants = (ACTIVE_LINE, UserQueue.tenant_id != bindparam("tenant", type_=Integer))
+    scaled = p * func.max(Tenant.weight) - func.sum(UserQueue.in_flight) * q
+    counts = (
+        select(
+            scaled.label("scaled"),
+            func.sum(UserQueue.waiting).label("size"),
+            func.sum(UserQueue.waiting_work).label("work"),
+        )
+        .join(Tenant, Tenant.id == UserQueue.tenant_id)
+        .where(*other_tenants)
+        .group_by(UserQueue.tenant_id)
+        .subquery()
+    )
+
+    def strict_and_tie(c: Any) -> tuple[Any, Any]:
+        after = (c.scaled + q - 1) // q - 1  # ceil(scaled / q) - 1, for scaled > 0
+        strict = case((c.scaled <= 0, 0), (after >= c.size, c.size), else_=after)
+        tie = case(
+            (and_(c.scaled > 0, c.scaled % q == 0, c.scaled // q <= c.size), c.scaled // q),
+            else_=0,
+        )
+        return strict, tie
+
+    strict, tie = strict_and_tie(counts.c)
+    totals = select(
+        func.coalesce(func.sum(strict), 0),
+        func.coalesce(func.sum(strict * cast(counts.c.work, Float) / counts.c.size), 0.0),
+        func.coalesce(func.sum(case((tie > 0, 1), else_=0)), 0),
+    ).where(counts.c.size > 0)
+    ends = (
         select(
             UserQueue.tenant_id.label("tenant_id"),
-            func.max(Tenant.weight).label("weight"),
-            func.sum(UserQueue.in_flight).label("active"),
+            scaled.label("scaled"),
             func.sum(UserQueue.waiting).label("size"),
             func.sum(UserQueue.waiting_work).label("work"),
             func.sum(case((UserQueue.waiting > 0, 1), else_=0)).label("users"),
@@ -371,62 +413,35 @@ def _other_tenants_statement() -> Select[tuple[int, int | None, Any, Any, Any, A
             func.max(UserQueue.tail_job_id).label("tail_id"),
         )
         .join(Tenant, Tenant.id == UserQueue.tenant_id)
-        .where(ACTIVE_LINE, UserQueue.tenant_id != bindparam("tenant", type_=Integer))
+        .where(*other_tenants)
         .group_by(UserQueue.tenant_id)
         .subquery()
     )
-    scaled = p * sums.c.weight - sums.c.active * q
-    after = (scaled + q - 1) // q - 1  # ceil(scaled / q) - 1, for scaled > 0
-    strict = case((scaled <= 0, 0), (after >= sums.c.size, sums.c.size), else_=after)
-    tie = case(
-        (and_(scaled > 0, scaled % q == 0, scaled // q <= sums.c.size), scaled // q), else_=0
-    )
-    counted = (
-        select(
-            sums.c.tenant_id,
-            sums.c.size,
-            sums.c.work,
-            sums.c.users,
-            sums.c.head_at,
-            sums.c.head_id,
-            sums.c.tail_at,
-            sums.c.tail_id,
-            strict.label("strict"),
-            tie.label("tie"),
-        )
-        .where(sums.c.size > 0)
-        .cte("counted")
-    )
-    c = counted.c
+    c = ends.c
+    _, tie = strict_and_tie(c)
     head_older = or_(c.head_at < born, and_(c.head_at == born, c.head_id < job_id))
     tail_older = or_(c.tail_at < born, and_(c.tail_at == born, c.tail_id < job_id))
     single = c.users == 1
-    # Decided in SQL: the tied job is the one line's first or last job, or all of the
-    # tenant's waiting jobs are older (or younger) than this one; else NULL (undecided).
+    # The tied job is the one line's first or last job, or every waiting job of the
+    # tenant is older (or younger) than this one; else NULL (undecided).
     tie_ahead = case(
-        (c.tie == 0, 0),
-        (and_(single, c.tie == 1), case((head_older, 1), else_=0)),
-        (and_(single, c.tie == c.size), case((tail_older, 1), else_=0)),
+        (and_(single, tie == 1), case((head_older, 1), else_=0)),
+        (and_(single, tie == c.size), case((tail_older, 1), else_=0)),
         (c.tail_at < born, 1),
         (c.head_at > born, 0),
         else_=None,
     )
-    mean = cast(c.work, Float) / c.size
-    totals = select(
-        literal(0).label("kind"),
-        literal(None, Integer).label("tenant_id"),
-        func.coalesce(func.sum(c.strict + func.coalesce(tie_ahead, 0)), 0),
-        func.coalesce(func.sum((c.strict + func.coalesce(tie_ahead, 0)) * mean), 0.0),
-        literal(0, BigInteger),
-        literal(0.0, Float),
-    )
-    undecided = select(
-        literal(1), c.tenant_id, c.tie, literal(0.0, Float), literal(0, BigInteger), literal(0.0)
-    ).where(c.tie > 0, tie_ahead.is_(None))
-    return totals.union_all(undecided)  # type: ignore[return-value]
+    tied = and_(c.size > 0, tie > 0)
+    decided = select(
+        func.coalesce(func.sum(tie_ahead), 0),
+        func.coalesce(func.sum(tie_ahead * cast(c.work, Float) / c.size), 0.0),
+        func.coalesce(func.sum(case((tie_ahead.is_(None), 1), else_=0)), 0),
+    ).where(tied)
+    undecided = select(c.tenant_id, tie).where(tied, tie_ahead.is_(None))
+    return totals, decided, undecided
 
 
-_OTHER_TENANTS = _other_tenants_statement()
+_OTHER_TENANTS, _DECIDED_TIES, _UNDECIDED_TIES = _other_tenants_statements()
 
 
 def _other_tenants_ahead(
@@ -434,27 +449,30 @@ def _other_tenants_ahead(
 ) -> tuple[Ahead, dict[int, int]]:
     """Jobs of the other tenants before the tenant-level virtual time numerator/denominator.
 
-    One aggregate over the active lines (one row per user). Ties that the tenant's
-    one line, or its first and last jobs, decide are counted here; the others come
-    back as {tenant: tied rank} for `tied_jobs_ahead`.
+    Aggregates over the active lines (one row per user). Ties that a tenant's one
+    line, or its first and last jobs, decide are counted here; the others come back
+    as {tenant: tied rank} for `tied_jobs_ahead`.
     """
-    rows = session.execute(
-        _OTHER_TENANTS,
-        {
-            "tenant": job.tenant_id,
-            "numerator": numerator,
-            "denominator": denominator,
-            "born": job.created_at,
-            "job_id": job.id,
-        },
-    ).all()
-    ahead, undecided = Ahead(0, 0.0), {}
-    for kind, tenant_id, jobs, work, _, _ in rows:
-        if kind == 0:
-            ahead = Ahead(jobs=int(jobs), work=work_units(1) * float(work))
-        else:
-            undecided[int(tenant_id)] = int(jobs)
-    return ahead, undecided
+    params = {
+        "tenant": job.tenant_id,
+        "numerator": numerator,
+        "denominator": denominator,
+        "born": job.created_at,
+        "job_id": job.id,
+    }
+    jobs, work, ties = session.execute(_OTHER_TENANTS, params).one()
+    if not ties:
+        return Ahead(jobs=int(jobs), work=work_units(1) * float(work)), {}
+    tied_jobs, tied_work, open_ties = session.execute(_DECIDED_TIES, params).one()
+    ahead = Ahead(
+        jobs=int(jobs) + int(tied_jobs), work=work_units(1) * (float(work) + float(tied_work))
+    )
+    if not open_ties:
+        return ahead, {}
+    return ahead, {
+        int(tenant_id): int(rank)
+        for tenant_id, rank in session.execute(_UNDECIDED_TIES, params).all()
+    }
 
 
 def estimate_wait_seconds(
