@@ -322,40 +322,159 @@ class QueuePlace:
     work_ahead: float
 
 
+# A waiting job's place in one statement, for the common case where every tie in virtual
+# time is decided by a line's first or last job (or by all of a tenant's jobs being
+# older or younger). Mirrors `shared.fairshare.ahead_in_tenant` and `tenant_counts`;
+# the property and database tests hold both to `fair_order`. Integer division of
+# non-negative integers is the same on SQLite and PostgreSQL.
+_PLACE_SQL = f"""
+WITH own AS (
+    SELECT uq.in_flight + (:seq - uq.head_seq + 1) AS num, u.weight AS den,
+           :seq - uq.head_seq + 1 AS rank, uq.waiting_work, uq.waiting, t.weight AS tenant_weight
+    FROM user_queues uq JOIN users u ON u.id = uq.user_id JOIN tenants t ON t.id = uq.tenant_id
+    WHERE uq.user_id = :user
+),
+mates AS (
+    SELECT uq.waiting AS size, uq.waiting_work AS work,
+           own.num * u.weight - uq.in_flight * own.den AS scaled, own.den AS den,
+           uq.head_created_at AS head_at, uq.head_job_id AS head_id,
+           uq.tail_created_at AS tail_at, uq.tail_job_id AS tail_id
+    FROM user_queues uq JOIN users u ON u.id = uq.user_id CROSS JOIN own
+    WHERE uq.tenant_id = :tenant AND uq.user_id <> :user AND uq.waiting > 0
+),
+mates_counted AS (
+    SELECT size, work,
+           CASE WHEN scaled <= 0 THEN 0
+                WHEN (scaled + den - 1) / den - 1 >= size THEN size
+                ELSE (scaled + den - 1) / den - 1 END AS strict,
+           CASE WHEN scaled > 0 AND scaled % den = 0 AND scaled / den <= size
+                THEN scaled / den ELSE 0 END AS tie,
+           head_at, head_id, tail_at, tail_id
+    FROM mates
+),
+mates_decided AS (
+    SELECT size, work, strict, tie,
+           CASE WHEN tie = 0 THEN 0
+                WHEN tie = 1 THEN CASE WHEN head_at < :born
+                    OR (head_at = :born AND head_id < :job_id) THEN 1 ELSE 0 END
+                WHEN tie = size THEN CASE WHEN tail_at < :born
+                    OR (tail_at = :born AND tail_id < :job_id) THEN 1 ELSE 0 END
+                WHEN tail_at < :born THEN 1
+                WHEN head_at > :born THEN 0 END AS tie_ahead
+    FROM mates_counted
+),
+inside AS (
+    SELECT COALESCE(SUM(strict + COALESCE(tie_ahead, 0)), 0) AS ahead,
+           COALESCE(SUM((strict + COALESCE(tie_ahead, 0)) * CAST(work AS FLOAT) / size), 0)
+               AS work,
+           COALESCE(SUM(CASE WHEN tie > 0 AND tie_ahead IS NULL THEN 1 ELSE 0 END), 0) AS open
+    FROM mates_decided
+),
+tenant_vt AS (
+    SELECT (SELECT COALESCE(SUM(in_flight), 0) FROM user_queues
+            WHERE tenant_id = :tenant AND ({ACTIVE_LINE_SQL}))
+           + own.rank + inside.ahead AS num,
+           own.tenant_weight AS den
+    FROM own CROSS JOIN inside
+),
+others AS (
+    SELECT tenant_vt.num * MAX(t.weight) - SUM(uq.in_flight) * tenant_vt.den AS scaled,
+           tenant_vt.den AS den, SUM(uq.waiting) AS size, SUM(uq.waiting_work) AS work
+    FROM user_queues uq JOIN tenants t ON t.id = uq.tenant_id CROSS JOIN tenant_vt
+    WHERE ({ACTIVE_LINE_SQL}) AND uq.tenant_id <> :tenant
+    GROUP BY uq.tenant_id, tenant_vt.num, tenant_vt.den
+),
+others_counted AS (
+    SELECT size, work,
+           CASE WHEN scaled <= 0 THEN 0
+                WHEN (scaled + den - 1) / den - 1 >= size THEN size
+                ELSE (scaled + den - 1) / den - 1 END AS strict,
+           CASE WHEN scaled > 0 AND scaled % den = 0 AND scaled / den <= size
+                THEN 1 ELSE 0 END AS tied
+    FROM others WHERE size > 0
+)
+SELECT own.rank, own.waiting, own.waiting_work,
+       inside.ahead, inside.work, inside.open,
+       tenant_vt.num, tenant_vt.den,
+       (SELECT COALESCE(SUM(strict), 0) FROM others_counted),
+       (SELECT COALESCE(SUM(strict * CAST(work AS FLOAT) / size), 0) FROM others_counted),
+       (SELECT COALESCE(SUM(tied), 0) FROM others_counted),
+       (SELECT COUNT(*) FROM jobs WHERE ({RELEASED_SQL})),
+       (SELECT COALESCE(SUM(work), 0) FROM jobs WHERE ({RELEASED_SQL}))
+FROM own CROSS JOIN inside CROSS JOIN tenant_vt
+"""  # noqa: S608 - only the module's own predicate constants are formatted in
+_PLACE = text(_PLACE_SQL).bindparams(
+    bindparam("seq", type_=BigInteger),
+    bindparam("user", type_=Integer),
+    bindparam("tenant", type_=Integer),
+    bindparam("born", type_=Job.created_at.type),
+    bindparam("job_id", type_=String),
+)
+
+
 def queue_place(session: Session, job: Job) -> QueuePlace:
     """The job's place in the order the dispatcher follows (0: next), computed exactly.
 
     Released jobs go first, in release order; then the waiting jobs in fair-share
-    order: those of the job's own tenant from its users' lines, those of every
-    other tenant summed by the database from the lines' counts (one row per user,
-    whatever the depth), ties in virtual time decided by age.
+    order: those of the job's own tenant counted from its users' lines, those of
+    every other tenant summed from the lines' counts (one row per user, whatever
+    the depth), ties in virtual time decided by age. Usually one statement; ties
+    that need a job read take a few more.
     """
-    released = session.execute(
-        select(Job.id, Job.released_at, Job.work).where(RELEASED).order_by(Job.released_at, Job.id)
-    ).all()
     if job.released_at is not None:
+        released = session.execute(select(Job.id, Job.released_at, Job.work).where(RELEASED)).all()
         first = [row for row in released if (row.released_at, row.id) < (job.released_at, job.id)]
         return QueuePlace(len(first), sum(work_units(row.work) for row in first))
-    resolve = lambda keys: resolve_keys(session, keys)  # noqa: E731
-    tenant_lines = load_lines(session, [job.tenant_id])
-    own = next(line for line in tenant_lines if line.user_id == job.user_id)
+    params = {
+        "seq": job.queue_seq,
+        "user": job.user_id,
+        "tenant": job.tenant_id,
+        "born": job.created_at,
+        "job_id": job.id,
+    }
+    (
+        rank,
+        waiting,
+        waiting_work,
+        inside_jobs,
+        inside_work,
+        inside_open,
+        numerator,
+        denominator,
+        others_jobs,
+        others_work,
+        others_tied,
+        released_count,
+        released_work,
+    ) = session.execute(_PLACE, params).one()
     queued = QueuedJob(job.id, job.tenant_id, job.user_id, job.created_at, job_work(job))
-    inside = ahead_in_tenant(tenant_lines, queued, job.queue_seq - own.head_seq + 1, resolve)
-    numerator, denominator = tenant_virtual_time(tenant_lines, inside.jobs)
-    across, tied_ranks = _other_tenants_ahead(session, job, numerator, denominator)
+    if inside_open:
+        # A tie inside the tenant needs a job read: count the tenant in Python.
+        resolve = lambda keys: resolve_keys(session, keys)  # noqa: E731
+        tenant_lines = load_lines(session, [job.tenant_id])
+        inside = ahead_in_tenant(tenant_lines, queued, rank, resolve)
+        numerator, denominator = tenant_virtual_time(tenant_lines, inside.jobs)
+        across, tied_ranks = _other_tenants_ahead(session, job, numerator, denominator)
+    else:
+        own_mean = work_units(waiting_work) / waiting
+        inside = Ahead(
+            (rank - 1) + int(inside_jobs),
+            (rank - 1) * own_mean + work_units(1) * float(inside_work),
+        )
+        across = Ahead(int(others_jobs), work_units(1) * float(others_work))
+        tied_ranks = {}
+        if others_tied:
+            across, tied_ranks = _other_tenants_ahead(session, job, numerator, denominator)
     tied = Ahead(0, 0.0)
     if tied_ranks:
         groups: dict[int, list[UserLine]] = defaultdict(list)
         for line in load_lines(session, list(tied_ranks)):
             groups[line.tenant_id].append(line)
         ties = [(groups[tenant], rank) for tenant, rank in tied_ranks.items()]
-        tied = tied_jobs_ahead(ties, queued, resolve)
+        tied = tied_jobs_ahead(ties, queued, lambda keys: resolve_keys(session, keys))
     return QueuePlace(
-        position=len(released) + inside.jobs + across.jobs + tied.jobs,
-        work_ahead=sum(work_units(row.work) for row in released)
-        + inside.work
-        + across.work
-        + tied.work,
+        position=int(released_count) + inside.jobs + across.jobs + tied.jobs,
+        work_ahead=work_units(int(released_work)) + inside.work + across.work + tied.work,
     )
 
 
