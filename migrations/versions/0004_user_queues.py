@@ -40,6 +40,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column("queue_seq", sa.BigInteger(), server_default="0", nullable=False))
         batch.add_column(sa.Column("work", sa.BigInteger(), server_default="0", nullable=False))
         batch.drop_index("ix_jobs_expires_at")
+        # Every read it served scanned the whole queue; the partial indexes replace it.
+        batch.drop_index("ix_jobs_state_created_at")
     op.create_table(
         "user_queues",
         sa.Column("user_id", sa.Integer(), nullable=False),
@@ -175,5 +177,6 @@ def downgrade() -> None:
     op.drop_table("user_queues")
     with op.batch_alter_table("jobs") as batch:
         batch.create_index("ix_jobs_expires_at", ["expires_at"])
+        batch.create_index("ix_jobs_state_created_at", ["state", "created_at"])
         batch.drop_column("work")
         batch.drop_column("queue_seq")
