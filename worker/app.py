@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import threading
+from typing import Any
 
 from celery import Celery
 
@@ -15,7 +16,7 @@ from shared.queue import RENDER_QUEUE, RENDER_TASK, make_celery
 from shared.resources import open_resources
 from shared.settings import Settings
 from worker.pipeline import KolorsRenderer
-from worker.service import WorkerContext, run_render_job
+from worker.service import WorkerContext, start_render_job
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,29 @@ def register_render_task(app: Celery, context: WorkerContext) -> None:
 
     @app.task(name=RENDER_TASK, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
     def render(job_id: str) -> None:
-        run_render_job(context, job_id)
+        # Returns once the job is rendered, so the next message is taken while this job's
+        # last images are still stored and recorded; its lease is held until it settles.
+        start_render_job(context, job_id)
 
 
-def _heartbeat_loop(context: WorkerContext, stop: threading.Event) -> None:
+def worker_info(context: WorkerContext, static: dict[str, Any]) -> dict[str, Any]:
+    """The worker's heartbeat: device, memory, warm state, current job and busy fraction."""
+    recent, since_start = context.busy.fractions()
+    return (
+        static
+        | context.renderer.device_status()
+        | {
+            "warm": context.renderer.warm,
+            "job": context.current_job,
+            # Time inside pipeline calls over wall time: the last minute, and since start.
+            "busy_fraction": recent,
+            "busy_fraction_since_start": since_start,
+        }
+    )
+
+
+def heartbeat_loop(context: WorkerContext, stop: threading.Event) -> None:
+    """Refresh this worker's heartbeat every interval until `stop` is set."""
     static = {
         "device": str(context.renderer.device),
         "model": context.renderer.model_id,
@@ -38,8 +58,7 @@ def _heartbeat_loop(context: WorkerContext, stop: threading.Event) -> None:
     interval = context.settings.heartbeat_interval_s
     while not stop.is_set():
         try:
-            info = static | context.renderer.device_status()
-            info |= {"warm": context.renderer.warm, "job": context.current_job}
+            info = worker_info(context, static)
             record_heartbeat(context.redis, context.name, info, ttl_s=interval * 3)
         except Exception as exc:
             log.warning("heartbeat failed: %s", type(exc).__name__)
@@ -71,7 +90,7 @@ def run_worker(settings: Settings, device: str | None, name: str | None) -> int:
     register_render_task(app, context)
     stop = threading.Event()
     threading.Thread(
-        target=_heartbeat_loop, args=(context, stop), daemon=True, name="heartbeat"
+        target=heartbeat_loop, args=(context, stop), daemon=True, name="heartbeat"
     ).start()
     try:
         app.worker_main(
@@ -88,6 +107,10 @@ def run_worker(settings: Settings, device: str | None, name: str | None) -> int:
             ]
         )
     finally:
+        # Celery returns after a warm shutdown (SIGTERM) with the last task done; its
+        # job's last images may still wait in the post-processing queue.
+        drained = context.close()
+        log.info("post-processing drained (%d item(s) were waiting)", drained)
         stop.set()
         forget_worker(context.redis, name)
     return 0
