@@ -33,6 +33,7 @@ from shared.events import (
     announce_job_finished,
     live_workers,
     request_cancel,
+    settling_jobs,
     wait_for_wake,
 )
 from shared.models import JobState, utcnow
@@ -149,12 +150,16 @@ class Dispatcher:
         return int(self.redis.llen(RENDER_QUEUE))
 
     def _release(self, report: PassReport) -> None:
-        workers = len(live_workers(self.redis))
+        workers = live_workers(self.redis)
+        # A job that finished rendering but is still being stored and recorded is RUNNING,
+        # yet its worker's device is free: it must not hold back that worker's next job.
+        settling = settling_jobs(self.redis, workers)
         # Decide on a snapshot (the only writer of releases is this process), then
         # write: SQLite's write lock is held only for the release itself.
         with read_only(self.sessions) as session:
             load = current_load(session)
-            slots = workers + self.settings.dispatch_margin - load.running - load.released
+            busy = load.running - settling + load.released
+            slots = len(workers) + self.settings.dispatch_margin - busy
             picked = next_in_fair_order(session, slots, self.settings.max_running_per_user)
         if not picked:
             return

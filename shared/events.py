@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -129,6 +129,30 @@ def record_heartbeat(client: redis.Redis, name: str, info: dict[str, Any], ttl_s
         forget_workers(client, [member.decode() for member in gone])
 
 
+# Per worker, the jobs it has finished rendering that are still being stored and
+# recorded: RUNNING in SQL, but the worker's device is already free for the next job.
+SETTLING_KEY: Final = f"{_PREFIX}:settling"
+
+
+def count_settling(client: redis.Redis, name: str, delta: int) -> None:
+    """A worker's job finished rendering (+1), or finished settling (-1)."""
+    client.hincrby(SETTLING_KEY, name, delta)
+
+
+def reset_settling(client: redis.Redis, name: str) -> None:
+    """A starting worker has nothing settling (whatever a dead one left is its lease's now)."""
+    client.hdel(SETTLING_KEY, name)
+
+
+def settling_jobs(client: redis.Redis, names: Iterable[str]) -> int:
+    """How many jobs of these workers are settling (their devices free for the next)."""
+    wanted = list(names)
+    if not wanted:
+        return 0
+    counts: list[bytes | None] = client.hmget(SETTLING_KEY, wanted)  # type: ignore[assignment]
+    return sum(max(0, int(count)) for count in counts if count is not None)
+
+
 def forget_worker(client: redis.Redis, name: str) -> None:
     """Remove a stopping worker at once instead of when its heartbeat expires."""
     forget_workers(client, [name])
@@ -140,6 +164,7 @@ def forget_workers(client: redis.Redis, names: list[str]) -> None:
         pipe.hdel(WORKERS_INFO_KEY, *names)
         pipe.zrem(WORKERS_KEY, *names)
         pipe.hdel(SPEED_KEY, *names)
+        pipe.hdel(SETTLING_KEY, *names)
         pipe.execute()
 
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from control.dispatcher import Dispatcher
 from shared.db import transaction
 from shared.errors import StaleAttempt, TooManyJobs
-from shared.events import make_redis, record_heartbeat
+from shared.events import count_settling, make_redis, record_heartbeat
 from shared.ledger import get_balance, ledger_balance
 from shared.models import Job, JobState, LedgerEntry, LedgerKind, utcnow
 from shared.params import KolorsParams
@@ -544,6 +544,28 @@ def test_dispatcher_releases_into_free_slots_only(
     third = dispatcher.run_pass()
     assert third.released == [ids[2]]
     assert redis_client.llen(RENDER_QUEUE) == 3
+
+
+def test_a_job_that_is_only_settling_leaves_its_workers_slot_free(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    alice: ApiUser,
+    redis_client: redis.Redis,
+    celery_app: Celery,
+) -> None:
+    ids = [submit(sessions, alice) for _ in range(4)]
+    record_heartbeat(redis_client, "gpu-1", {"device": "cuda:0"}, 30)
+    dispatcher = make_dispatcher(settings, sessions, redis_client, celery_app, dispatch_margin=0)
+    assert dispatcher.run_pass().released == ids[:1]
+    claim(sessions, ids[0], "gpu-1")
+    assert dispatcher.run_pass().released == []  # its one slot renders ids[0]
+    # The render ends; its images are still being stored and recorded (RUNNING in SQL).
+    count_settling(redis_client, "gpu-1", 1)
+    assert dispatcher.run_pass().released == [ids[1]]
+    assert dispatcher.run_pass().released == []
+    # A settling count of a worker that is not alive frees nothing.
+    count_settling(redis_client, "gone", 5)
+    assert dispatcher.run_pass().released == []
 
 
 def test_dispatcher_republishes_lost_messages(

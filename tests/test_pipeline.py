@@ -28,7 +28,7 @@ from sqlalchemy import Engine, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import make_engine, make_session_factory, transaction
-from shared.events import live_workers, make_redis, read_progress
+from shared.events import live_workers, make_redis, read_progress, settling_jobs
 from shared.ledger import get_balance, ledger_balance
 from shared.migrate import migrate_database
 from shared.models import Job, JobImage, LedgerEntry
@@ -262,9 +262,12 @@ def test_the_task_returns_before_its_job_settles_and_the_next_job_renders_meanwh
     assert run_first is not None and not run_first.settled
     # The task returned with both images rendered, none stored or recorded, the job held.
     assert job_row(context.sessions, first) == ("RUNNING", 1, 0)
+    # ...and counted as settling, so the dispatcher sends this worker its next job now.
+    assert settling_jobs(context.redis, [context.name]) == 1
     run_second = start_render_job(context, second)
     assert run_second is not None
     assert run_first.wait(60) and run_second.wait(60)
+    assert settling_jobs(context.redis, [context.name]) == 0
 
     assert timeline.index("render", "2000") < timeline.index("stored", image_label(first, 0))
     done = load(context, first)

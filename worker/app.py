@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery
 
-from shared.events import forget_worker, record_heartbeat
+from shared.events import forget_worker, record_heartbeat, reset_settling
 from shared.queue import RENDER_QUEUE, RENDER_TASK, make_celery
 from shared.resources import open_resources
 from shared.settings import Settings
@@ -86,6 +86,7 @@ def run_worker(settings: Settings, device: str | None, name: str | None) -> int:
         storage=resources.storage,
         renderer=renderer,
     )
+    reset_settling(context.redis, name)
     app = make_celery(settings)
     register_render_task(app, context)
     stop = threading.Event()

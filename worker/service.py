@@ -34,6 +34,7 @@ from shared.errors import StaleAttempt
 from shared.events import (
     Progress,
     announce_job_finished,
+    count_settling,
     is_cancel_requested,
     record_render_speed,
     wake_dispatcher,
@@ -171,6 +172,9 @@ class JobRun:
         # a lost claim): the render stops at its next step.
         self.stop_render = threading.Event()
         self._settled = threading.Event()
+        self._settling = False  # counted as settling (see mark_rendered)
+        self._ending = False  # settle() has begun
+        self._lock = threading.Lock()
         self.state: str | None = None
 
     @property
@@ -182,10 +186,32 @@ class JobRun:
         """Block until this attempt is over; False on timeout."""
         return self._settled.wait(timeout_s)
 
+    def mark_rendered(self) -> None:
+        """The render is done but the job not yet settled: the device is free for the next job.
+
+        The dispatcher counts it (and is woken), so it releases this worker's next job now
+        rather than when this one's images are stored and recorded.
+        """
+        with self._lock:
+            if self._ending:
+                return
+            self._settling = True
+        try:
+            count_settling(self._context.redis, self._context.name, 1)
+            wake_dispatcher(self._context.redis)
+        except redis.RedisError as exc:
+            log.warning("job %s: render end not announced (%s)", self.spec.job_id, exc)
+
     def settle(self, state: str | None) -> None:
         """End the attempt: stop its render and lease; announce the job's end if it ended."""
-        if self._settled.is_set():
-            return
+        with self._lock:
+            if self._ending:
+                return
+            self._ending = True
+            was_settling, self._settling = self._settling, False
+        if was_settling:
+            with contextlib.suppress(redis.RedisError):  # the next start resets the count
+                count_settling(self._context.redis, self._context.name, -1)
         self.state = state
         self.stop_render.set()
         self.lease.stop()
@@ -468,6 +494,7 @@ def start_render_job(context: WorkerContext, job_id: str) -> JobRun | None:
     # After the images already queued: a job ends only once they are recorded.
     if end is not None:
         context.post.submit(end)
+    run.mark_rendered()
     return run
 
 
