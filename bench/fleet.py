@@ -51,10 +51,11 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.queue_depth import tenant_rows  # noqa: E402
 from control.launcher import redis_argv, redis_server_binary  # noqa: E402
 from control.processes import ChildSpec, Supervisor, free_port  # noqa: E402
 from shared.migrate import migrate_database  # noqa: E402
-from shared.models import Job, LedgerEntry, Tenant, User, UserQueue  # noqa: E402
+from shared.models import Job, LedgerEntry, Tenant, TenantQueue, User, UserQueue  # noqa: E402
 from shared.params import KolorsParams  # noqa: E402
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -255,6 +256,10 @@ def fill_queue(url: str, jobs: int) -> None:
             connection.execute(sa.insert(Job), rows[start : start + 5000])
             connection.execute(sa.insert(LedgerEntry), holds[start : start + 5000])
         connection.execute(sa.insert(UserQueue), lines)
+        connection.execute(
+            sa.insert(TenantQueue),
+            tenant_rows(lines, {u + 1: 1 for u in range(users)}, {t + 1: 1 for t in range(20)}),
+        )
     engine.dispose()
 
 

@@ -41,6 +41,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ from control.processes import ChildSpec, Supervisor, free_port  # noqa: E402
 from shared.accounts import create_api_key  # noqa: E402
 from shared.db import make_engine, make_session_factory, read_only, transaction  # noqa: E402
 from shared.migrate import migrate_database  # noqa: E402
-from shared.models import Job, Tenant, User, UserQueue  # noqa: E402
+from shared.models import Job, Tenant, TenantQueue, User, UserQueue  # noqa: E402
 from shared.params import KolorsParams  # noqa: E402
 from shared.queries import next_in_fair_order, queue_place  # noqa: E402
 
@@ -184,10 +185,53 @@ def build_queue(url: str, mix: str, depth: int) -> Queue:
             connection.execute(sa.insert(Job), jobs[start : start + 5000])
         for start in range(0, len(lines), 5000):
             connection.execute(sa.insert(UserQueue), lines[start : start + 5000])
+        user_weight = {u + 1: w for u, (_, _, w, _) in enumerate(plan)}
+        rows = tenant_rows(lines, user_weight, {t + 1: w for t, w in tenant_weight.items()})
+        for start in range(0, len(rows), 5000):
+            connection.execute(sa.insert(TenantQueue), rows[start : start + 5000])
     with transaction(make_session_factory(engine)) as session:
         key = create_api_key(session, busiest + 1)
     engine.dispose()
     return Queue(polled_job=newest[busiest], finished_job=finished["id"], key=key)
+
+
+def tenant_rows(
+    lines: list[dict[str, Any]], user_weight: dict[int, int], tenant_weight: dict[int, int]
+) -> list[dict[str, Any]]:
+    """Each tenant's queue row, summed from its users' lines as `shared.lines` keeps it."""
+    by_tenant: dict[int, list[dict[str, Any]]] = {t: [] for t in tenant_weight}
+    for line in lines:
+        by_tenant[line["tenant_id"]].append(line)
+    rows = []
+    for tenant_id, members in by_tenant.items():
+        waiting = sum(m["waiting"] for m in members)
+        in_flight = sum(m["in_flight"] for m in members)
+        heads = [m for m in members if m["waiting"]]
+        first = min(
+            heads,
+            key=lambda m: (
+                Fraction(m["in_flight"] + 1, user_weight[m["user_id"]]),
+                m["head_created_at"],
+                m["head_job_id"],
+            ),
+            default=None,
+        )
+        rows.append(
+            {
+                "tenant_id": tenant_id,
+                "weight": tenant_weight[tenant_id],
+                "waiting": waiting,
+                "in_flight": in_flight,
+                "waiting_work": sum(m["waiting_work"] for m in members),
+                "first_vt": (in_flight + 1) / tenant_weight[tenant_id] if waiting else None,
+                "first_user_id": first["user_id"] if first else None,
+                "first_job_id": first["head_job_id"] if first else None,
+                "first_created_at": first["head_created_at"] if first else None,
+                "oldest_created_at": min((m["head_created_at"] for m in heads), default=None),
+                "newest_created_at": max((m["tail_created_at"] for m in heads), default=None),
+            }
+        )
+    return rows
 
 
 def job_row(

@@ -228,9 +228,9 @@ def users_create(name: str, tenant: str | None, credit_text: str) -> None:
 
 @users.command("weight")
 @click.argument("name")
-@click.argument("weight", type=click.IntRange(1))
+@click.argument("weight", type=click.IntRange(1, 10_000))
 def users_weight(name: str, weight: int) -> None:
-    """Set user NAME's fair-share WEIGHT among its tenant's users (default 1)."""
+    """Set user NAME's fair-share WEIGHT (1 to 10000, default 1) among its tenant's users."""
     from shared.accounts import set_user_weight
 
     _set_weight(set_user_weight, name, weight)
@@ -244,9 +244,9 @@ def tenants() -> None:
 
 @tenants.command("weight")
 @click.argument("name")
-@click.argument("weight", type=click.IntRange(1))
+@click.argument("weight", type=click.IntRange(1, 10_000))
 def tenants_weight(name: str, weight: int) -> None:
-    """Set tenant NAME's fair-share WEIGHT among tenants (default 1)."""
+    """Set tenant NAME's fair-share WEIGHT (1 to 10000, default 1) among tenants."""
     from shared.accounts import set_tenant_weight
 
     _set_weight(set_tenant_weight, name, weight)

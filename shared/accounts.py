@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 
 from shared.errors import Conflict, NotFound, Unauthorized
 from shared.ledger import grant_credits
-from shared.models import ApiKey, Tenant, User, UserQueue
+from shared.lines import refresh_tenant
+from shared.models import MAX_WEIGHT, ApiKey, Tenant, TenantQueue, User, UserQueue
 
 KEY_PREFIX: Final = "kf_"
 
@@ -32,12 +33,13 @@ def hash_api_key(key: str) -> str:
 
 
 def get_or_create_tenant(session: Session, name: str) -> Tenant:
-    """The tenant called `name`, created if missing."""
+    """The tenant called `name`, created (with its empty queue) if missing."""
     tenant = session.execute(select(Tenant).where(Tenant.name == name)).scalar_one_or_none()
     if tenant is None:
         tenant = Tenant(name=name)
         session.add(tenant)
         session.flush()
+        session.add(TenantQueue(tenant_id=tenant.id, weight=tenant.weight))
     return tenant
 
 
@@ -86,19 +88,27 @@ def authenticate(session: Session, key: str | None) -> Principal:
 
 def set_user_weight(session: Session, name: str, weight: int) -> None:
     """Set a user's fair-share weight among the users of its tenant."""
-    _set_weight(session, User, name, weight)
+    user_id = _set_weight(session, User, name, weight)
+    # The tenant's next job may now be another user's.
+    refresh_tenant(session, session.get_one(User, user_id).tenant_id)
 
 
 def set_tenant_weight(session: Session, name: str, weight: int) -> None:
     """Set a tenant's fair-share weight among tenants."""
-    _set_weight(session, Tenant, name, weight)
+    tenant_id = _set_weight(session, Tenant, name, weight)
+    session.execute(
+        update(TenantQueue).where(TenantQueue.tenant_id == tenant_id).values(weight=weight)
+    )
+    refresh_tenant(session, tenant_id)
 
 
-def _set_weight(session: Session, model: type[User] | type[Tenant], name: str, weight: int) -> None:
-    if weight < 1:
-        raise ValueError("a fair-share weight is a whole number of at least 1")
+def _set_weight(session: Session, model: type[User] | type[Tenant], name: str, weight: int) -> int:
+    if not 1 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"a fair-share weight is a whole number from 1 to {MAX_WEIGHT}")
     updated = session.execute(
         update(model).where(model.name == name).values(weight=weight).returning(model.id)
     ).first()
     if updated is None:
         raise NotFound(f"No {model.__tablename__[:-1]} named {name!r}")
+    row_id: int = updated.id
+    return row_id

@@ -34,6 +34,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        # Every read has its index; an automatic one is built per query, O(rows) each time.
+        cursor.execute("PRAGMA automatic_index=OFF")
         cursor.close()
 
     @event.listens_for(engine, "begin")

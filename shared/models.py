@@ -12,6 +12,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -92,6 +93,11 @@ RUNNING_SQL = "state = 'RUNNING'"
 LIVE_DEADLINE_SQL = "state IN ('QUEUED', 'RUNNING') AND deadline_at IS NOT NULL"
 RETAINED_SQL = "results_deleted_at IS NULL AND expires_at IS NOT NULL"
 ACTIVE_LINE_SQL = "waiting > 0 OR in_flight > 0"
+TENANT_WAITING_SQL = "waiting > 0"
+TENANT_SINGLE_SQL = "waiting = 1"
+TENANT_MULTI_SQL = "waiting > 1"
+# Fair-share weights stay below this so virtual times compare exactly as floats.
+MAX_WEIGHT = 10_000
 
 
 class LedgerKind(enum.StrEnum):
@@ -111,7 +117,10 @@ class Tenant(Base):
     """A team; its users share visibility of each other's jobs."""
 
     __tablename__ = "tenants"
-    __table_args__ = (CheckConstraint("weight >= 1", name="weight_positive"),)
+    __table_args__ = (
+        CheckConstraint("weight >= 1", name="weight_positive"),
+        CheckConstraint("weight <= 10000", name="weight_bounded"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
@@ -129,6 +138,7 @@ class User(Base):
     __table_args__ = (
         CheckConstraint("balance >= 0", name="balance_non_negative"),
         CheckConstraint("weight >= 1", name="weight_positive"),
+        CheckConstraint("weight <= 10000", name="weight_bounded"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -271,6 +281,62 @@ class UserQueue(Base):
     # The newest job's submission time: a user's jobs get strictly increasing times,
     # so first in, first out by time is also the order of submission.
     last_created_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class TenantQueue(Base):
+    """One tenant's queue: its users' lines summed, and the tenant's next job.
+
+    Kept with its lines (`shared.lines`), in the same transaction. The tenant's next
+    job is the one the fair order takes next from this tenant; `first_vt` is its
+    tenant-level virtual time (in_flight + 1) / weight, as a float: with weights of at
+    most 10,000 distinct virtual times never round to the same float, so ordering
+    and comparing by it is exact.
+    """
+
+    __tablename__ = "tenant_queues"
+    __table_args__ = (
+        CheckConstraint("waiting >= 0", name="waiting_non_negative"),
+        CheckConstraint("in_flight >= 0", name="in_flight_non_negative"),
+        Index(
+            "ix_tenant_queues_next",
+            "first_vt",
+            "first_created_at",
+            "first_job_id",
+            postgresql_where=text(TENANT_WAITING_SQL),
+            sqlite_where=text(TENANT_WAITING_SQL),
+        ),
+        Index(
+            "ix_tenant_queues_multi",
+            "first_vt",
+            postgresql_where=text(TENANT_MULTI_SQL),
+            sqlite_where=text(TENANT_MULTI_SQL),
+        ),
+        # Covers the count and the work of the single-job tenants ahead of a job.
+        Index(
+            "ix_tenant_queues_single",
+            "first_vt",
+            "first_created_at",
+            "first_job_id",
+            "waiting_work",
+            "waiting",
+            postgresql_where=text(TENANT_SINGLE_SQL),
+            sqlite_where=text(TENANT_SINGLE_SQL),
+        ),
+    )
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    # The tenant's weight, kept here with the counts it divides.
+    weight: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    waiting: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    in_flight: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    waiting_work: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    first_vt: Mapped[float | None] = mapped_column(Float, default=None)
+    first_user_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    first_job_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    first_created_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The oldest and newest waiting jobs' submission times, whoever's they are.
+    oldest_created_at: Mapped[datetime | None] = mapped_column(default=None)
+    newest_created_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class JobImage(Base):

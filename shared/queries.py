@@ -8,23 +8,17 @@ one row per active user (`user_queues`) plus indexed reads of single jobs.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
 from sqlalchemy import (
     BigInteger,
-    Float,
     Integer,
-    Select,
     String,
-    and_,
     bindparam,
-    case,
-    cast,
     func,
-    or_,
     select,
     text,
     tuple_,
@@ -51,12 +45,16 @@ from shared.models import (
     RELEASED_SQL,
     RETAINED_SQL,
     RUNNING_SQL,
+    TENANT_MULTI_SQL,
+    TENANT_SINGLE_SQL,
+    TENANT_WAITING_SQL,
     TERMINAL_STATES,
     WAITING_SQL,
     Job,
     JobImage,
     JobState,
     Tenant,
+    TenantQueue,
     User,
     UserQueue,
     utcnow,
@@ -70,6 +68,7 @@ RUNNING: Final = text(f"({RUNNING_SQL})")
 ACTIVE_LINE: Final = text(f"({ACTIVE_LINE_SQL})")
 RETAINED: Final = text(f"({RETAINED_SQL})")
 LIVE_DEADLINE: Final = text(f"({LIVE_DEADLINE_SQL})")
+TENANT_WAITING: Final = text(f"({TENANT_WAITING_SQL})")
 
 ONE_MEGA_STEP: Final = 1024 * 1024  # the work unit: one 1024x1024 image at one step
 
@@ -278,37 +277,11 @@ def next_in_fair_order(session: Session, slots: int, max_running_per_user: int) 
 
 def _first_tenants(session: Session, limit: int) -> list[int]:
     """The `limit` tenants whose next jobs come first: by tenant virtual time, then age."""
-    user_vt = cast(UserQueue.in_flight + 1, Float) / User.weight
-    ranked = (
-        select(
-            UserQueue.tenant_id,
-            UserQueue.waiting,
-            UserQueue.head_created_at,
-            UserQueue.head_job_id,
-            func.row_number()
-            .over(
-                partition_by=UserQueue.tenant_id,
-                order_by=(
-                    (UserQueue.waiting == 0),
-                    user_vt,
-                    UserQueue.head_created_at,
-                    UserQueue.head_job_id,
-                ),
-            )
-            .label("place"),
-            func.sum(UserQueue.in_flight).over(partition_by=UserQueue.tenant_id).label("active"),
-        )
-        .join(User, User.id == UserQueue.user_id)
-        .where(ACTIVE_LINE)
-        .subquery()
-    )
-    tenant_vt = cast(ranked.c.active + 1, Float) / Tenant.weight
     return list(
         session.execute(
-            select(ranked.c.tenant_id)
-            .join(Tenant, Tenant.id == ranked.c.tenant_id)
-            .where(ranked.c.place == 1, ranked.c.waiting > 0)
-            .order_by(tenant_vt, ranked.c.head_created_at, ranked.c.head_job_id)
+            select(TenantQueue.tenant_id)
+            .where(TENANT_WAITING)
+            .order_by(TenantQueue.first_vt, TenantQueue.first_created_at, TenantQueue.first_job_id)
             .limit(limit)
         ).scalars()
     )
@@ -322,11 +295,81 @@ class QueuePlace:
     work_ahead: float
 
 
-# A waiting job's place in one statement, for the common case where every tie in virtual
-# time is decided by a line's first or last job (or by all of a tenant's jobs being
-# older or younger). Mirrors `shared.fairshare.ahead_in_tenant` and `tenant_counts`;
-# the property and database tests hold both to `fair_order`. Integer division of
-# non-negative integers is the same on SQLite and PostgreSQL.
+def _others_sql(num: str, den: str, source: str = "") -> str:
+    """The other tenants' jobs before the tenant-level virtual time num/den, as SQL.
+
+    One row: strict counts and their work, the ties decided and their work, the ties
+    left undecided (they need a job read), and the single-job tenants ahead and their
+    work. Multi-job tenants are read only if their next job is not after num/den; a
+    single-job tenant is ahead exactly when its job's (virtual time, age, id) is
+    smaller: a range of one index. Mirrors `shared.fairshare.tenant_counts`.
+    `source` names a one-row table that `num` and `den` come from, if any; it comes
+    first in each FROM, as SQLite takes a CROSS JOIN's tables in the order written
+    and must know the bound before it walks the index.
+    """
+    first = f"{source} CROSS JOIN" if source else ""
+    return f"""
+    SELECT multi.strict, multi.strict_work, multi.tied, multi.tied_work, multi.undecided,
+           single.ahead, single.work
+    FROM (
+        SELECT
+            COALESCE(SUM(strict), 0) AS strict,
+            COALESCE(SUM(strict * CAST(work AS FLOAT) / size), 0) AS strict_work,
+            COALESCE(SUM(tie_ahead), 0) AS tied,
+            COALESCE(SUM(tie_ahead * CAST(work AS FLOAT) / size), 0) AS tied_work,
+            COALESCE(SUM(CASE WHEN tie > 0 AND tie_ahead IS NULL THEN 1 ELSE 0 END), 0)
+                AS undecided
+        FROM (
+            SELECT size, work, strict, tie,
+                   CASE WHEN tie = 0 THEN 0
+                        WHEN tie = 1 THEN CASE WHEN first_at < :born
+                            OR (first_at = :born AND first_id < :job_id) THEN 1 ELSE 0 END
+                        WHEN newest_at < :born THEN 1
+                        WHEN oldest_at > :born THEN 0 END AS tie_ahead
+            FROM (
+                SELECT size, work, first_at, first_id, oldest_at, newest_at,
+                       CASE WHEN scaled <= 0 THEN 0
+                            WHEN (scaled + den - 1) / den - 1 >= size THEN size
+                            ELSE (scaled + den - 1) / den - 1 END AS strict,
+                       CASE WHEN scaled > 0 AND scaled % den = 0 AND scaled / den <= size
+                            THEN scaled / den ELSE 0 END AS tie
+                FROM (
+                    SELECT t.waiting AS size, t.waiting_work AS work,
+                           {num} * t.weight - t.in_flight * {den} AS scaled, {den} AS den,
+                           t.first_created_at AS first_at, t.first_job_id AS first_id,
+                           t.oldest_created_at AS oldest_at, t.newest_created_at AS newest_at
+                    FROM {first} tenant_queues t
+                    WHERE ({TENANT_MULTI_SQL}) AND t.first_vt <= CAST({num} AS FLOAT) / {den}
+                      AND t.tenant_id <> :tenant
+                ) AS scored
+            ) AS counted
+        ) AS decided
+    ) AS multi
+    CROSS JOIN (
+        SELECT before.ahead + tied.ahead AS ahead, before.work + tied.work AS work
+        FROM (
+            SELECT COUNT(*) AS ahead, COALESCE(SUM(s.waiting_work), 0) AS work
+            FROM {first} tenant_queues s
+            WHERE ({TENANT_SINGLE_SQL}) AND s.first_vt < CAST({num} AS FLOAT) / {den}
+              AND s.tenant_id <> :tenant
+        ) AS before CROSS JOIN (
+            SELECT COUNT(*) AS ahead, COALESCE(SUM(s.waiting_work), 0) AS work
+            FROM {first} tenant_queues s
+            WHERE ({TENANT_SINGLE_SQL}) AND s.first_vt = CAST({num} AS FLOAT) / {den}
+              AND (s.first_created_at < :born
+                   OR (s.first_created_at = :born AND s.first_job_id < :job_id))
+              AND s.tenant_id <> :tenant
+        ) AS tied
+    ) AS single
+    """  # noqa: S608 - only the module's own constants and column names are formatted in
+
+
+# A waiting job's place in one statement, unless a tie in virtual time needs a job read.
+# Its own tenant is counted from its users' lines, mirroring
+# `shared.fairshare.ahead_in_tenant`; the property and database tests hold both to
+# `fair_order`. Integer division of non-negative integers is the same on SQLite and
+# PostgreSQL, and so is the rounding of a float division (weights are bounded so that
+# distinct virtual times never meet as floats).
 _PLACE_SQL = f"""
 WITH own AS (
     SELECT uq.in_flight + (:seq - uq.head_seq + 1) AS num, u.weight AS den,
@@ -371,45 +414,77 @@ inside AS (
     FROM mates_decided
 ),
 tenant_vt AS (
-    SELECT (SELECT COALESCE(SUM(in_flight), 0) FROM user_queues
-            WHERE tenant_id = :tenant AND ({ACTIVE_LINE_SQL}))
-           + own.rank + inside.ahead AS num,
-           own.tenant_weight AS den
+    -- Integer types throughout (PostgreSQL's SUM of a bigint is numeric, whose
+    -- division does not truncate).
+    SELECT CAST((SELECT in_flight FROM tenant_queues WHERE tenant_id = :tenant)
+                + own.rank + inside.ahead AS BIGINT) AS num,
+           CAST(own.tenant_weight AS BIGINT) AS den
     FROM own CROSS JOIN inside
 ),
-others AS (
-    SELECT tenant_vt.num * MAX(t.weight) - SUM(uq.in_flight) * tenant_vt.den AS scaled,
-           tenant_vt.den AS den, SUM(uq.waiting) AS size, SUM(uq.waiting_work) AS work
-    FROM user_queues uq JOIN tenants t ON t.id = uq.tenant_id CROSS JOIN tenant_vt
-    WHERE ({ACTIVE_LINE_SQL}) AND uq.tenant_id <> :tenant
-    GROUP BY uq.tenant_id, tenant_vt.num, tenant_vt.den
-),
-others_counted AS (
-    SELECT size, work,
-           CASE WHEN scaled <= 0 THEN 0
-                WHEN (scaled + den - 1) / den - 1 >= size THEN size
-                ELSE (scaled + den - 1) / den - 1 END AS strict,
-           CASE WHEN scaled > 0 AND scaled % den = 0 AND scaled / den <= size
-                THEN 1 ELSE 0 END AS tied
-    FROM others WHERE size > 0
-)
+others AS ({_others_sql("tenant_vt.num", "tenant_vt.den", "tenant_vt")})
 SELECT own.rank, own.waiting, own.waiting_work,
        inside.ahead, inside.work, inside.open,
        tenant_vt.num, tenant_vt.den,
-       (SELECT COALESCE(SUM(strict), 0) FROM others_counted),
-       (SELECT COALESCE(SUM(strict * CAST(work AS FLOAT) / size), 0) FROM others_counted),
-       (SELECT COALESCE(SUM(tied), 0) FROM others_counted),
+       others.*,
        (SELECT COUNT(*) FROM jobs WHERE ({RELEASED_SQL})),
        (SELECT COALESCE(SUM(work), 0) FROM jobs WHERE ({RELEASED_SQL}))
-FROM own CROSS JOIN inside CROSS JOIN tenant_vt
-"""  # noqa: S608 - only the module's own predicate constants are formatted in
-_PLACE = text(_PLACE_SQL).bindparams(
-    bindparam("seq", type_=BigInteger),
-    bindparam("user", type_=Integer),
+FROM own CROSS JOIN inside CROSS JOIN tenant_vt CROSS JOIN others
+"""  # noqa: S608 - only the module's own constants are formatted in
+_BINDS = (
     bindparam("tenant", type_=Integer),
     bindparam("born", type_=Job.created_at.type),
     bindparam("job_id", type_=String),
 )
+_PLACE = text(_PLACE_SQL).bindparams(
+    bindparam("seq", type_=BigInteger), bindparam("user", type_=Integer), *_BINDS
+)
+_OTHERS = text(_others_sql(":numerator", ":denominator")).bindparams(
+    bindparam("numerator", type_=BigInteger), bindparam("denominator", type_=BigInteger), *_BINDS
+)
+_UNDECIDED = text(
+    f"""
+    SELECT tenant_id, tie FROM (
+        SELECT tenant_id, first_at, first_id, oldest_at, newest_at,
+               CASE WHEN scaled > 0 AND scaled % den = 0 AND scaled / den <= size
+                    THEN scaled / den ELSE 0 END AS tie
+        FROM (
+            SELECT t.tenant_id, t.waiting AS size,
+                   :numerator * t.weight - t.in_flight * :denominator AS scaled,
+                   :denominator AS den,
+                   t.first_created_at AS first_at, t.first_job_id AS first_id,
+                   t.oldest_created_at AS oldest_at, t.newest_created_at AS newest_at
+            FROM tenant_queues t
+            WHERE ({TENANT_MULTI_SQL}) AND t.first_vt <= CAST(:numerator AS FLOAT) / :denominator
+              AND t.tenant_id <> :tenant
+        ) AS scored
+    ) AS counted
+    WHERE tie > 1 AND NOT newest_at < :born AND NOT oldest_at > :born
+    """  # noqa: S608 - only the module's own constants are formatted in
+).bindparams(
+    bindparam("numerator", type_=BigInteger),
+    bindparam("denominator", type_=BigInteger),
+    bindparam("tenant", type_=Integer),
+    bindparam("born", type_=Job.created_at.type),
+)
+
+
+@dataclass(frozen=True)
+class _Others:
+    """The other tenants' jobs ahead (decided), and how many ties are left to decide."""
+
+    ahead: Ahead
+    undecided: int
+
+
+def _others(row: Sequence[Any]) -> _Others:
+    strict, strict_work, tied, tied_work, undecided, single, single_work = row
+    return _Others(
+        Ahead(
+            jobs=int(strict) + int(tied) + int(single),
+            work=work_units(1) * (float(strict_work) + float(tied_work) + float(single_work)),
+        ),
+        int(undecided),
+    )
 
 
 def queue_place(session: Session, job: Job) -> QueuePlace:
@@ -417,9 +492,9 @@ def queue_place(session: Session, job: Job) -> QueuePlace:
 
     Released jobs go first, in release order; then the waiting jobs in fair-share
     order: those of the job's own tenant counted from its users' lines, those of
-    every other tenant summed from the lines' counts (one row per user, whatever
-    the depth), ties in virtual time decided by age. Usually one statement; ties
-    that need a job read take a few more.
+    every other tenant from the tenants' queues (a row per tenant whose next job is
+    not after this one's virtual time; tenants with one job waiting are counted in
+    an index), ties in virtual time decided by age. Usually one statement.
     """
     if job.released_at is not None:
         released = session.execute(select(Job.id, Job.released_at, Job.work).where(RELEASED)).all()
@@ -432,166 +507,61 @@ def queue_place(session: Session, job: Job) -> QueuePlace:
         "born": job.created_at,
         "job_id": job.id,
     }
-    (
-        rank,
-        waiting,
-        waiting_work,
-        inside_jobs,
-        inside_work,
-        inside_open,
-        numerator,
-        denominator,
-        others_jobs,
-        others_work,
-        others_tied,
-        released_count,
-        released_work,
-    ) = session.execute(_PLACE, params).one()
+    row = session.execute(_PLACE, params).one()
+    rank, waiting, waiting_work, inside_jobs, inside_work, inside_open, numerator, denominator = (
+        row[:8]
+    )
+    released_count, released_work = row[-2:]
+    others = _others(row[8:-2])
     queued = QueuedJob(job.id, job.tenant_id, job.user_id, job.created_at, job_work(job))
+    resolve = lambda keys: resolve_keys(session, keys)  # noqa: E731
     if inside_open:
         # A tie inside the tenant needs a job read: count the tenant in Python.
-        resolve = lambda keys: resolve_keys(session, keys)  # noqa: E731
         tenant_lines = load_lines(session, [job.tenant_id])
         inside = ahead_in_tenant(tenant_lines, queued, rank, resolve)
         numerator, denominator = tenant_virtual_time(tenant_lines, inside.jobs)
-        across, tied_ranks = _other_tenants_ahead(session, job, numerator, denominator)
+        others = _others(
+            session.execute(
+                _OTHERS,
+                {
+                    "tenant": job.tenant_id,
+                    "born": job.created_at,
+                    "job_id": job.id,
+                    "numerator": numerator,
+                    "denominator": denominator,
+                },
+            ).one()
+        )
     else:
         own_mean = work_units(waiting_work) / waiting
         inside = Ahead(
             (rank - 1) + int(inside_jobs),
             (rank - 1) * own_mean + work_units(1) * float(inside_work),
         )
-        across = Ahead(int(others_jobs), work_units(1) * float(others_work))
-        tied_ranks = {}
-        if others_tied:
-            across, tied_ranks = _other_tenants_ahead(session, job, numerator, denominator)
     tied = Ahead(0, 0.0)
-    if tied_ranks:
+    if others.undecided:
+        ranks = {
+            int(tenant_id): int(tie)
+            for tenant_id, tie in session.execute(
+                _UNDECIDED,
+                {
+                    "tenant": job.tenant_id,
+                    "born": job.created_at,
+                    "numerator": numerator,
+                    "denominator": denominator,
+                },
+            ).all()
+        }
         groups: dict[int, list[UserLine]] = defaultdict(list)
-        for line in load_lines(session, list(tied_ranks)):
+        for line in load_lines(session, list(ranks)):
             groups[line.tenant_id].append(line)
-        ties = [(groups[tenant], rank) for tenant, rank in tied_ranks.items()]
-        tied = tied_jobs_ahead(ties, queued, lambda keys: resolve_keys(session, keys))
+        tied = tied_jobs_ahead(
+            [(groups[tenant], tie) for tenant, tie in ranks.items()], queued, resolve
+        )
     return QueuePlace(
-        position=int(released_count) + inside.jobs + across.jobs + tied.jobs,
-        work_ahead=work_units(int(released_work)) + inside.work + across.work + tied.work,
+        position=int(released_count) + inside.jobs + others.ahead.jobs + tied.jobs,
+        work_ahead=work_units(int(released_work)) + inside.work + others.ahead.work + tied.work,
     )
-
-
-def _other_tenants_statements() -> tuple[Select[Any], Select[Any], Select[Any]]:
-    """The aggregates `_other_tenants_ahead` runs, built once (parameters bound per call).
-
-    The first sums the jobs strictly ahead in every other tenant and counts the ties
-    (a tenant whose k-th job has the same virtual time); only when there are some
-    does the second decide them from the tenants' first and last jobs, and the
-    third list the ones it could not decide.
-    """
-    p = bindparam("numerator", type_=BigInteger)
-    q = bindparam("denominator", type_=BigInteger)
-    born = bindparam("born", type_=Job.created_at.type)
-    job_id = bindparam("job_id", type_=String)
-    other_tenants = (ACTIVE_LINE, UserQueue.tenant_id != bindparam("tenant", type_=Integer))
-    scaled = p * func.max(Tenant.weight) - func.sum(UserQueue.in_flight) * q
-    counts = (
-        select(
-            scaled.label("scaled"),
-            func.sum(UserQueue.waiting).label("size"),
-            func.sum(UserQueue.waiting_work).label("work"),
-        )
-        .join(Tenant, Tenant.id == UserQueue.tenant_id)
-        .where(*other_tenants)
-        .group_by(UserQueue.tenant_id)
-        .subquery()
-    )
-
-    def strict_and_tie(c: Any) -> tuple[Any, Any]:
-        after = (c.scaled + q - 1) // q - 1  # ceil(scaled / q) - 1, for scaled > 0
-        strict = case((c.scaled <= 0, 0), (after >= c.size, c.size), else_=after)
-        tie = case(
-            (and_(c.scaled > 0, c.scaled % q == 0, c.scaled // q <= c.size), c.scaled // q),
-            else_=0,
-        )
-        return strict, tie
-
-    strict, tie = strict_and_tie(counts.c)
-    totals = select(
-        func.coalesce(func.sum(strict), 0),
-        func.coalesce(func.sum(strict * cast(counts.c.work, Float) / counts.c.size), 0.0),
-        func.coalesce(func.sum(case((tie > 0, 1), else_=0)), 0),
-    ).where(counts.c.size > 0)
-    ends = (
-        select(
-            UserQueue.tenant_id.label("tenant_id"),
-            scaled.label("scaled"),
-            func.sum(UserQueue.waiting).label("size"),
-            func.sum(UserQueue.waiting_work).label("work"),
-            func.sum(case((UserQueue.waiting > 0, 1), else_=0)).label("users"),
-            func.min(UserQueue.head_created_at).label("head_at"),
-            func.min(UserQueue.head_job_id).label("head_id"),
-            func.max(UserQueue.tail_created_at).label("tail_at"),
-            func.max(UserQueue.tail_job_id).label("tail_id"),
-        )
-        .join(Tenant, Tenant.id == UserQueue.tenant_id)
-        .where(*other_tenants)
-        .group_by(UserQueue.tenant_id)
-        .subquery()
-    )
-    c = ends.c
-    _, tie = strict_and_tie(c)
-    head_older = or_(c.head_at < born, and_(c.head_at == born, c.head_id < job_id))
-    tail_older = or_(c.tail_at < born, and_(c.tail_at == born, c.tail_id < job_id))
-    single = c.users == 1
-    # The tied job is the one line's first or last job, or every waiting job of the
-    # tenant is older (or younger) than this one; else NULL (undecided).
-    tie_ahead = case(
-        (and_(single, tie == 1), case((head_older, 1), else_=0)),
-        (and_(single, tie == c.size), case((tail_older, 1), else_=0)),
-        (c.tail_at < born, 1),
-        (c.head_at > born, 0),
-        else_=None,
-    )
-    tied = and_(c.size > 0, tie > 0)
-    decided = select(
-        func.coalesce(func.sum(tie_ahead), 0),
-        func.coalesce(func.sum(tie_ahead * cast(c.work, Float) / c.size), 0.0),
-        func.coalesce(func.sum(case((tie_ahead.is_(None), 1), else_=0)), 0),
-    ).where(tied)
-    undecided = select(c.tenant_id, tie).where(tied, tie_ahead.is_(None))
-    return totals, decided, undecided
-
-
-_OTHER_TENANTS, _DECIDED_TIES, _UNDECIDED_TIES = _other_tenants_statements()
-
-
-def _other_tenants_ahead(
-    session: Session, job: Job, numerator: int, denominator: int
-) -> tuple[Ahead, dict[int, int]]:
-    """Jobs of the other tenants before the tenant-level virtual time numerator/denominator.
-
-    Aggregates over the active lines (one row per user). Ties that a tenant's one
-    line, or its first and last jobs, decide are counted here; the others come back
-    as {tenant: tied rank} for `tied_jobs_ahead`.
-    """
-    params = {
-        "tenant": job.tenant_id,
-        "numerator": numerator,
-        "denominator": denominator,
-        "born": job.created_at,
-        "job_id": job.id,
-    }
-    jobs, work, ties = session.execute(_OTHER_TENANTS, params).one()
-    if not ties:
-        return Ahead(jobs=int(jobs), work=work_units(1) * float(work)), {}
-    tied_jobs, tied_work, open_ties = session.execute(_DECIDED_TIES, params).one()
-    ahead = Ahead(
-        jobs=int(jobs) + int(tied_jobs), work=work_units(1) * (float(work) + float(tied_work))
-    )
-    if not open_ties:
-        return ahead, {}
-    return ahead, {
-        int(tenant_id): int(rank)
-        for tenant_id, rank in session.execute(_UNDECIDED_TIES, params).all()
-    }
 
 
 def estimate_wait_seconds(

@@ -16,10 +16,6 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-import boto3
-from botocore.config import Config
-from botocore.exceptions import ClientError
-
 
 class ObjectMissing(KeyError):
     """No object is stored under the key."""
@@ -100,6 +96,10 @@ class S3Storage:
     """
 
     def __init__(self, bucket: str, prefix: str = "", client: Any = None) -> None:
+        # Imported here: hosts that keep results on local disk need not install boto3.
+        import boto3
+        from botocore.config import Config
+
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.client = client or boto3.client(
@@ -135,6 +135,8 @@ class S3Storage:
 
     def get(self, key: str) -> bytes:
         """Download the whole object."""
+        from botocore.exceptions import ClientError
+
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:

@@ -11,9 +11,8 @@ dispatcher (QUEUED, in flight) -> claimed by a worker (RUNNING) -> ended
 (COMPLETED, FAILED or CANCELLED, its unspent hold released). A released job can
 go back in line (its message was lost); a RUNNING one too (its lease lapsed).
 
-Locks: a transaction locks the user's line row before any of that user's job
-rows, and only the dispatcher holds more than one line, so transactions never
-wait on each other in a cycle.
+The lines and tenants' queues are kept by `shared.lines`, whose lock order every
+transition here follows (see `keeps_tenants`).
 """
 
 from __future__ import annotations
@@ -32,7 +31,16 @@ from shared.accounts import Principal
 from shared.errors import StaleAttempt, TooManyJobs
 from shared.fairshare import QueuedJob
 from shared.ledger import capture_image_credit, hold_credits, release_hold
-from shared.models import Job, JobImage, JobState, UserQueue, utcnow
+from shared.lines import (
+    Line,
+    enter_line,
+    keeps_tenants,
+    leave_line,
+    lock_line,
+    lock_line_of_job,
+    save_line,
+)
+from shared.models import Job, JobImage, JobState, utcnow
 from shared.params import EXTENSIONS, MAX_SEED, RANDOM_SEED, KolorsParams
 from shared.pricing import price_per_image
 from shared.queries import (
@@ -98,163 +106,8 @@ def pixel_steps(params: KolorsParams) -> int:
     return params.width * params.height * params.steps * params.number_of_images
 
 
-# ---------------------------------------------------------------- the user's line
-
-
-@dataclass
-class _Line:
-    """A user's line row, locked for this transaction, with the changes to write back."""
-
-    user_id: int
-    waiting: int
-    in_flight: int
-    waiting_work: int
-    head_seq: int
-    last_created_at: datetime | None
-    ends_moved: bool = False
-
-
-def _lock_line(session: Session, user_id: int) -> _Line:
-    """Lock the user's line (PostgreSQL row lock; SQLite's write lock is already held)."""
-    row = session.execute(
-        select(
-            UserQueue.waiting,
-            UserQueue.in_flight,
-            UserQueue.waiting_work,
-            UserQueue.head_seq,
-            UserQueue.last_created_at,
-        )
-        .where(UserQueue.user_id == user_id)
-        .with_for_update()
-    ).one()
-    return _Line(
-        user_id, row.waiting, row.in_flight, row.waiting_work, row.head_seq, row.last_created_at
-    )
-
-
-def _lock_line_of_job(session: Session, job_id: str) -> _Line | None:
-    user_id = session.execute(select(Job.user_id).where(Job.id == job_id)).scalar_one_or_none()
-    return None if user_id is None else _lock_line(session, user_id)
-
-
-def _save_line(session: Session, line: _Line) -> None:
-    """Write the line's counters back, and its first and last waiting jobs if they moved."""
-    values: dict[str, Any] = {
-        "waiting": line.waiting,
-        "in_flight": line.in_flight,
-        "waiting_work": line.waiting_work,
-        "head_seq": line.head_seq,
-        "last_created_at": line.last_created_at,
-    }
-    if line.ends_moved:
-        ends = {
-            row.queue_seq: row
-            for row in session.execute(
-                select(Job.id, Job.created_at, Job.queue_seq).where(
-                    WAITING,
-                    Job.user_id == line.user_id,
-                    Job.queue_seq.in_([line.head_seq, line.head_seq + line.waiting - 1]),
-                )
-            )
-        }
-        head = ends.get(line.head_seq) if line.waiting else None
-        tail = ends.get(line.head_seq + line.waiting - 1) if line.waiting else None
-        values |= {
-            "head_job_id": head.id if head else None,
-            "head_created_at": head.created_at if head else None,
-            "tail_job_id": tail.id if tail else None,
-            "tail_created_at": tail.created_at if tail else None,
-        }
-    session.execute(update(UserQueue).where(UserQueue.user_id == line.user_id).values(**values))
-
-
-def _leave_line(session: Session, line: _Line, job_id: str, seq: int, work: int) -> None:
-    """Close the gap a job left in its line (it is no longer waiting).
-
-    The shorter side of the line moves by one, so taking the first or the last
-    job costs nothing, and one from the middle at most half the line.
-    """
-    rank = seq - line.head_seq
-    behind = line.waiting - 1 - rank
-    if rank <= behind:
-        if rank > 0:
-            session.execute(
-                update(Job)
-                .where(
-                    WAITING,
-                    Job.user_id == line.user_id,
-                    Job.queue_seq < seq,
-                    Job.id != job_id,
-                )
-                .values(queue_seq=Job.queue_seq + 1)
-            )
-        line.head_seq += 1
-    elif behind > 0:
-        session.execute(
-            update(Job)
-            .where(WAITING, Job.user_id == line.user_id, Job.queue_seq > seq, Job.id != job_id)
-            .values(queue_seq=Job.queue_seq - 1)
-        )
-    line.waiting -= 1
-    line.waiting_work -= work
-    line.ends_moved = True
-
-
-def _enter_line(
-    session: Session, line: _Line, job_id: str, created_at: datetime, work: int
-) -> None:
-    """Put a job (already waiting, its number not yet set) in its first-in, first-out place."""
-    rank = 0
-    head = session.execute(
-        select(Job.created_at, Job.id).where(
-            WAITING, Job.user_id == line.user_id, Job.queue_seq == line.head_seq, Job.id != job_id
-        )
-    ).first()
-    # A job coming back (a lapsed lease, a lost message) is usually older than the whole line.
-    if line.waiting and head is not None and (created_at, job_id) > (head.created_at, head.id):
-        rank = session.execute(
-            select(func.count())
-            .select_from(Job)
-            .where(
-                WAITING,
-                Job.user_id == line.user_id,
-                Job.id != job_id,
-                (Job.created_at < created_at)
-                | ((Job.created_at == created_at) & (Job.id < job_id)),
-            )
-        ).scalar_one()
-    if rank <= line.waiting - rank:
-        if rank > 0:
-            session.execute(
-                update(Job)
-                .where(
-                    WAITING,
-                    Job.user_id == line.user_id,
-                    Job.queue_seq < line.head_seq + rank,
-                    Job.id != job_id,
-                )
-                .values(queue_seq=Job.queue_seq - 1)
-            )
-        line.head_seq -= 1
-    else:
-        session.execute(
-            update(Job)
-            .where(
-                WAITING,
-                Job.user_id == line.user_id,
-                Job.queue_seq >= line.head_seq + rank,
-                Job.id != job_id,
-            )
-            .values(queue_seq=Job.queue_seq + 1)
-        )
-    session.execute(update(Job).where(Job.id == job_id).values(queue_seq=line.head_seq + rank))
-    line.waiting += 1
-    line.waiting_work += work
-    line.ends_moved = True
-
-
 def _end_job(
-    session: Session, line: _Line, job_id: str, conditions: list[Any], values: dict[str, Any]
+    session: Session, line: Line, job_id: str, conditions: list[Any], values: dict[str, Any]
 ) -> str | None:
     """End a live job (the only place that does): its line, then its hold released.
 
@@ -269,10 +122,10 @@ def _end_job(
     if row is None:
         return None
     if row.released_at is None:
-        _leave_line(session, line, job_id, row.queue_seq, row.work)
+        leave_line(session, line, job_id, row.queue_seq, row.work)
     else:
         line.in_flight -= 1
-    _save_line(session, line)
+    save_line(session, line)
     release_hold(session, line.user_id, job_id)
     state: str = row.state
     return state
@@ -281,6 +134,7 @@ def _end_job(
 # ---------------------------------------------------------------- submit and release
 
 
+@keeps_tenants
 def submit_job(
     session: Session,
     principal: Principal,
@@ -296,7 +150,7 @@ def submit_job(
     NotEnoughCredits or TooManyJobs roll the caller's transaction back, so a
     refused request leaves nothing behind.
     """
-    line = _lock_line(session, principal.user_id)
+    line = lock_line(session, principal.user_id)
     if max_live_jobs is not None and line.waiting + line.in_flight >= max_live_jobs:
         raise TooManyJobs(
             f"You have {max_live_jobs} requests queued or running, the most allowed; "
@@ -330,10 +184,11 @@ def submit_job(
     line.waiting_work += job.work
     line.last_created_at = created_at
     line.ends_moved = True
-    _save_line(session, line)
+    save_line(session, line)
     return job
 
 
+@keeps_tenants
 def release_jobs(session: Session, jobs: list[QueuedJob]) -> list[str]:
     """Mark jobs released (in flight), in the order given; return those still waiting."""
     released_at = utcnow()
@@ -342,7 +197,7 @@ def release_jobs(session: Session, jobs: list[QueuedJob]) -> list[str]:
     for job in jobs:
         by_user.setdefault(job.user_id, []).append(job)
     for user_id in sorted(by_user):  # lines in one order: no lock cycle with anyone
-        line = _lock_line(session, user_id)
+        line = lock_line(session, user_id)
         for job in by_user[user_id]:
             row = session.execute(
                 update(Job)
@@ -352,16 +207,17 @@ def release_jobs(session: Session, jobs: list[QueuedJob]) -> list[str]:
             ).first()
             if row is None:
                 continue
-            _leave_line(session, line, job.job_id, row.queue_seq, row.work)
+            leave_line(session, line, job.job_id, row.queue_seq, row.work)
             line.in_flight += 1
             released.add(job.job_id)
-        _save_line(session, line)
+        save_line(session, line)
     return [job.job_id for job in jobs if job.job_id in released]
 
 
+@keeps_tenants
 def unrelease_job(session: Session, job_id: str) -> None:
     """Put a released job back in line (its message could not be published)."""
-    line = _lock_line_of_job(session, job_id)
+    line = lock_line_of_job(session, job_id)
     if line is None:
         return
     row = session.execute(
@@ -373,8 +229,8 @@ def unrelease_job(session: Session, job_id: str) -> None:
     if row is None:
         return
     line.in_flight -= 1
-    _enter_line(session, line, job_id, row.created_at, row.work)
-    _save_line(session, line)
+    enter_line(session, line, job_id, row.created_at, row.work)
+    save_line(session, line)
 
 
 def touch_release(session: Session, job_id: str) -> None:
@@ -434,6 +290,7 @@ def renew_lease(session: Session, job_id: str, attempt: int, lease: timedelta) -
     return renewed is not None
 
 
+@keeps_tenants
 def record_image(
     session: Session,
     job_id: str,
@@ -454,7 +311,7 @@ def record_image(
     commit instead of two. Returns the state it ended in, else None.
     """
     # Ending locks the user's line, which must come before the job row (see the module).
-    line = _lock_line_of_job(session, job_id) if finish else None
+    line = lock_line_of_job(session, job_id) if finish else None
     row = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
@@ -482,7 +339,7 @@ def record_image(
 
 
 def _finish(
-    session: Session, line: _Line, job_id: str, attempt: int, stopped_because: str | None
+    session: Session, line: Line, job_id: str, attempt: int, stopped_because: str | None
 ) -> JobState:
     values: dict[str, Any] = {"state": _FINISHED_STATE}
     if stopped_because is not None:
@@ -498,6 +355,7 @@ def _finish(
     return JobState(state)
 
 
+@keeps_tenants
 def finish_job(
     session: Session, job_id: str, attempt: int, stopped_because: str | None = None
 ) -> JobState:
@@ -506,12 +364,13 @@ def finish_job(
     `stopped_because` says why the worker stopped early (a deadline); the job ends
     CANCELLED with that error.
     """
-    line = _lock_line_of_job(session, job_id)
+    line = lock_line_of_job(session, job_id)
     if line is None:
         raise StaleAttempt(f"job {job_id} does not exist")
     return _finish(session, line, job_id, attempt, stopped_because)
 
 
+@keeps_tenants
 def fail_job(session: Session, job_id: str, error: str, attempt: int | None = None) -> bool:
     """Mark a live job FAILED with `error` and release its hold; False if it was not live."""
     conditions: list[Any] = []
@@ -519,7 +378,7 @@ def fail_job(session: Session, job_id: str, error: str, attempt: int | None = No
         # A worker's failure counts only while its claim holds: a requeued job keeps its
         # attempt number until the next claim, so the state must be checked too.
         conditions = [Job.attempt == attempt, Job.state == JobState.RUNNING.value]
-    line = _lock_line_of_job(session, job_id)
+    line = lock_line_of_job(session, job_id)
     if line is None:
         return False
     values = {"state": JobState.FAILED.value, "error": error}
@@ -529,11 +388,12 @@ def fail_job(session: Session, job_id: str, error: str, attempt: int | None = No
 # ---------------------------------------------------------------- the user's and the dispatcher's
 
 
+@keeps_tenants
 def cancel_job(session: Session, principal: Principal, job_id: str) -> Job:
     """Cancel a job: a queued one ends now, a running one stops at its next step."""
     job = get_job(session, principal, job_id)
     if job.state == JobState.QUEUED.value:
-        line = _lock_line(session, job.user_id)
+        line = lock_line(session, job.user_id)
         _end_job(
             session,
             line,
@@ -569,6 +429,7 @@ class LeaseOutcome:
         return self.state == JobState.QUEUED
 
 
+@keeps_tenants
 def recover_expired_leases(
     session: Session, max_attempts: int, limit: int = 500
 ) -> list[LeaseOutcome]:
@@ -580,7 +441,7 @@ def recover_expired_leases(
     now = utcnow()
     outcomes: list[LeaseOutcome] = []
     for job_id in expired_leases(session, now, limit):
-        line = _lock_line_of_job(session, job_id)
+        line = lock_line_of_job(session, job_id)
         row = session.execute(
             select(Job.attempt, Job.cancel_requested).where(
                 Job.id == job_id, Job.state == JobState.RUNNING.value, Job.lease_expires_at < now
@@ -620,8 +481,8 @@ def recover_expired_leases(
         ).first()
         if requeued is not None:
             line.in_flight -= 1
-            _enter_line(session, line, job_id, requeued.created_at, requeued.work)
-            _save_line(session, line)
+            enter_line(session, line, job_id, requeued.created_at, requeued.work)
+            save_line(session, line)
             outcomes.append(LeaseOutcome(job_id, row.attempt, JobState.QUEUED))
     return outcomes
 
@@ -634,12 +495,13 @@ class DeadlineOutcome:
     running: list[str]
 
 
+@keeps_tenants
 def enforce_deadlines(session: Session, limit: int = 500) -> DeadlineOutcome:
     """Cancel queued jobs past their deadline; flag running ones to stop."""
     now = utcnow()
     cancelled = []
     for job_id in past_deadline(session, now, limit):
-        line = _lock_line_of_job(session, job_id)
+        line = lock_line_of_job(session, job_id)
         if line is None:
             continue
         ended = _end_job(

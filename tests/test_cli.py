@@ -234,4 +234,4 @@ def test_fair_share_weights_are_set_from_the_command_line(
     missing = cli(env, "tenants", "weight", "nobody", "2", check=False)
     assert missing.returncode == 1 and "No tenant named 'nobody'" in missing.stderr
     zero = cli(env, "users", "weight", "dana", "0", check=False)
-    assert zero.returncode == 2 and "0 is not in the range x>=1" in zero.stderr
+    assert zero.returncode == 2 and "0 is not in the range 1<=x<=10000" in zero.stderr

@@ -52,6 +52,8 @@ from shared.models import (
     JobState,
     LedgerEntry,
     LedgerKind,
+    Tenant,
+    TenantQueue,
     User,
     UserQueue,
     utcnow,
@@ -87,7 +89,14 @@ USERS: tuple[tuple[str, str, int], ...] = (
     ("carol", "other", 600),
 )
 WORKERS = ("worker-a", "worker-b")
-SNAPSHOT_TABLES = ("users", "user_queues", "jobs", "job_images", "ledger_entries")
+SNAPSHOT_TABLES = (
+    "users",
+    "user_queues",
+    "tenant_queues",
+    "jobs",
+    "job_images",
+    "ledger_entries",
+)
 
 # No explain phase: it re-runs a failing case under a line tracer, minutes on this much
 # SQLAlchemy code, to add little to the minimal example the shrink phase prints.
@@ -526,6 +535,7 @@ class JobLedgerMachine(RuleBasedStateMachine):
             self.check_money_is_conserved(session)
             self.check_jobs(session)
             self.check_lines(session)
+            self.check_tenants(session)
             self.check_positions(session)
 
     def check_lines(self, session: Session) -> None:
@@ -560,6 +570,31 @@ class JobLedgerMachine(RuleBasedStateMachine):
                     waiting[-1].id,
                     waiting[-1].created_at,
                 ), f"{who}: tail"
+
+    def check_tenants(self, session: Session) -> None:
+        """Each tenant's queue sums its users' lines and names the tenant's next job."""
+        waiting, state = exact_queue(session)
+        order = fair_order(waiting, state)
+        for tenant in session.execute(select(TenantQueue)).scalars():
+            lines = session.execute(
+                select(UserQueue).where(UserQueue.tenant_id == tenant.tenant_id)
+            ).scalars()
+            rows = list(lines)
+            size = sum(line.waiting for line in rows)
+            assert tenant.waiting == size
+            assert tenant.in_flight == sum(line.in_flight for line in rows)
+            assert tenant.waiting_work == sum(line.waiting_work for line in rows)
+            weight = session.get_one(Tenant, tenant.tenant_id).weight
+            assert tenant.weight == weight
+            mine = [q for q in order if q.tenant_id == tenant.tenant_id]
+            if not size:
+                assert tenant.first_job_id is None and tenant.first_vt is None
+                continue
+            assert tenant.first_job_id == mine[0].job_id, "the tenant's next job"
+            assert tenant.first_vt == (tenant.in_flight + 1) / weight
+            heads = [line.head_created_at for line in rows if line.head_created_at]
+            tails = [line.tail_created_at for line in rows if line.tail_created_at]
+            assert (tenant.oldest_created_at, tenant.newest_created_at) == (min(heads), max(tails))
 
     def check_positions(self, session: Session) -> None:
         """Every queued job's place is its exact place in the full fair order."""

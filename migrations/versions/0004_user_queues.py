@@ -1,4 +1,4 @@
-"""Scale: per-user lines (user_queues), line numbers and sizes on jobs, partial indexes
+"""Scale: users' lines and tenants' queues, line numbers and sizes on jobs, partial indexes
 
 Revision ID: 0004
 Revises: 0003
@@ -24,6 +24,9 @@ RUNNING_SQL = "state = 'RUNNING'"
 LIVE_DEADLINE_SQL = "state IN ('QUEUED', 'RUNNING') AND deadline_at IS NOT NULL"
 RETAINED_SQL = "results_deleted_at IS NULL AND expires_at IS NOT NULL"
 ACTIVE_LINE_SQL = "waiting > 0 OR in_flight > 0"
+TENANT_WAITING_SQL = "waiting > 0"
+TENANT_SINGLE_SQL = "waiting = 1"
+TENANT_MULTI_SQL = "waiting > 1"
 
 PARTIAL_INDEXES = (
     ("ix_jobs_waiting", "jobs", ["user_id", "queue_seq"], WAITING_SQL),
@@ -32,6 +35,19 @@ PARTIAL_INDEXES = (
     ("ix_jobs_live_deadline", "jobs", ["deadline_at"], LIVE_DEADLINE_SQL),
     ("ix_jobs_retained", "jobs", ["expires_at"], RETAINED_SQL),
     ("ix_user_queues_active", "user_queues", ["tenant_id"], ACTIVE_LINE_SQL),
+    (
+        "ix_tenant_queues_next",
+        "tenant_queues",
+        ["first_vt", "first_created_at", "first_job_id"],
+        TENANT_WAITING_SQL,
+    ),
+    ("ix_tenant_queues_multi", "tenant_queues", ["first_vt"], TENANT_MULTI_SQL),
+    (
+        "ix_tenant_queues_single",
+        "tenant_queues",
+        ["first_vt", "first_created_at", "first_job_id", "waiting_work", "waiting"],
+        TENANT_SINGLE_SQL,
+    ),
 )
 
 
@@ -68,6 +84,32 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("user_id", name=op.f("pk_user_queues")),
     )
     op.create_index(op.f("ix_user_queues_tenant_id"), "user_queues", ["tenant_id"])
+    op.create_table(
+        "tenant_queues",
+        sa.Column("tenant_id", sa.Integer(), nullable=False),
+        sa.Column("weight", sa.Integer(), server_default="1", nullable=False),
+        sa.Column("waiting", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("in_flight", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("waiting_work", sa.BigInteger(), server_default="0", nullable=False),
+        sa.Column("first_vt", sa.Float(), nullable=True),
+        sa.Column("first_user_id", sa.Integer(), nullable=True),
+        sa.Column("first_job_id", sa.String(length=32), nullable=True),
+        sa.Column("first_created_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("oldest_created_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("newest_created_at", sa.DateTime(timezone=True), nullable=True),
+        sa.CheckConstraint("waiting >= 0", name=op.f("ck_tenant_queues_waiting_non_negative")),
+        sa.CheckConstraint(
+            "in_flight >= 0", name=op.f("ck_tenant_queues_in_flight_non_negative")
+        ),
+        sa.ForeignKeyConstraint(
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_tenant_queues_tenant_id_tenants")
+        ),
+        sa.PrimaryKeyConstraint("tenant_id", name=op.f("pk_tenant_queues")),
+    )
+    # Weights bounded, so virtual times compare exactly as floats (see TenantQueue).
+    for table in ("tenants", "users"):
+        with op.batch_alter_table(table) as batch:
+            batch.create_check_constraint(op.f(f"ck_{table}_weight_bounded"), "weight <= 10000")
     _backfill()
     for name, table, columns, where in PARTIAL_INDEXES:
         op.create_index(
@@ -168,11 +210,60 @@ def _backfill() -> None:
                 last_created_at=line["last"],
             )
         )
+    _backfill_tenants(bind)
+
+
+def _backfill_tenants(bind: sa.engine.Connection) -> None:
+    """Each tenant's queue, summed from its users' lines (as shared.lines keeps it)."""
+    tenants = bind.execute(sa.text("SELECT id, weight FROM tenants")).all()
+    for tenant_id, weight in tenants:
+        sums = bind.execute(
+            sa.text(
+                "SELECT COALESCE(SUM(waiting), 0), COALESCE(SUM(in_flight), 0), "
+                "COALESCE(SUM(waiting_work), 0), MIN(head_created_at), MAX(tail_created_at) "
+                "FROM user_queues WHERE tenant_id = :t"
+            ),
+            {"t": tenant_id},
+        ).one()
+        waiting, in_flight, work, oldest, newest = sums
+        first = bind.execute(
+            sa.text(
+                "SELECT uq.user_id, uq.head_job_id, uq.head_created_at FROM user_queues uq "
+                "JOIN users u ON u.id = uq.user_id WHERE uq.tenant_id = :t AND uq.waiting > 0 "
+                "ORDER BY CAST(uq.in_flight + 1 AS FLOAT) / u.weight, uq.head_created_at, "
+                "uq.head_job_id LIMIT 1"
+            ),
+            {"t": tenant_id},
+        ).first()
+        bind.execute(
+            sa.text(
+                "INSERT INTO tenant_queues (tenant_id, weight, waiting, in_flight, waiting_work, "
+                "first_vt, first_user_id, first_job_id, first_created_at, oldest_created_at, "
+                "newest_created_at) VALUES (:t, :w, :n, :a, :work, :vt, :fu, :fj, :fc, :o, :nw)"
+            ),
+            {
+                "t": tenant_id,
+                "w": weight,
+                "n": waiting,
+                "a": in_flight,
+                "work": work,
+                "vt": (in_flight + 1) / weight if waiting else None,
+                "fu": first[0] if first else None,
+                "fj": first[1] if first else None,
+                "fc": first[2] if first else None,
+                "o": oldest if waiting else None,
+                "nw": newest if waiting else None,
+            },
+        )
 
 
 def downgrade() -> None:
     for name, table, _columns, _where in reversed(PARTIAL_INDEXES):
         op.drop_index(name, table_name=table)
+    for table in ("users", "tenants"):
+        with op.batch_alter_table(table) as batch:
+            batch.drop_constraint(op.f(f"ck_{table}_weight_bounded"), type_="check")
+    op.drop_table("tenant_queues")
     op.drop_index(op.f("ix_user_queues_tenant_id"), table_name="user_queues")
     op.drop_table("user_queues")
     with op.batch_alter_table("jobs") as batch:

@@ -1,0 +1,267 @@
+"""Users' lines and tenants' queues: the bookkeeping every job transition keeps exact.
+
+A user's line (`user_queues`) counts its jobs waiting and in flight and numbers
+the waiting ones consecutively in first-in, first-out order; a tenant's queue
+(`tenant_queues`) sums its users' lines and names the tenant's next job in the
+fair-share order. `shared.transitions` calls these in the same transaction as
+the job change they follow, so both are right after any crash.
+
+Locks, always in this order within a transaction: users' lines (by user id),
+then job rows, then balances, then tenants' queues (by tenant id, when the
+transaction ends: see `refresh_tenants`). Only the dispatcher holds more than
+one line at a time, so transactions never wait on each other in a cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from functools import wraps
+from typing import Any, Final, ParamSpec, TypeVar
+
+from sqlalchemy import Float, cast, func, select, text, update
+from sqlalchemy.orm import Session
+
+from shared.models import ACTIVE_LINE_SQL, WAITING_SQL, Job, TenantQueue, User, UserQueue
+
+# The partial indexes' predicates, as literal text (see shared.queries).
+WAITING: Final = text(f"({WAITING_SQL})")
+ACTIVE_LINE: Final = text(f"({ACTIVE_LINE_SQL})")
+P = ParamSpec("P")
+R = TypeVar("R")
+_PENDING: Final = "kolors_farm_tenants_to_refresh"
+
+
+@dataclass
+class Line:
+    """A user's line row, locked for this transaction, with the changes to write back."""
+
+    user_id: int
+    tenant_id: int
+    waiting: int
+    in_flight: int
+    waiting_work: int
+    head_seq: int
+    last_created_at: datetime | None
+    ends_moved: bool = False
+
+
+def lock_line(session: Session, user_id: int) -> Line:
+    """Lock the user's line (PostgreSQL row lock; SQLite's write lock is already held)."""
+    row = session.execute(
+        select(
+            UserQueue.tenant_id,
+            UserQueue.waiting,
+            UserQueue.in_flight,
+            UserQueue.waiting_work,
+            UserQueue.head_seq,
+            UserQueue.last_created_at,
+        )
+        .where(UserQueue.user_id == user_id)
+        .with_for_update()
+    ).one()
+    return Line(
+        user_id,
+        row.tenant_id,
+        row.waiting,
+        row.in_flight,
+        row.waiting_work,
+        row.head_seq,
+        row.last_created_at,
+    )
+
+
+def lock_line_of_job(session: Session, job_id: str) -> Line | None:
+    """Lock the line of the job's user; None if there is no such job."""
+    user_id = session.execute(select(Job.user_id).where(Job.id == job_id)).scalar_one_or_none()
+    return None if user_id is None else lock_line(session, user_id)
+
+
+def save_line(session: Session, line: Line) -> None:
+    """Write the line's counters back (its ends too, if they moved); its tenant follows."""
+    values: dict[str, Any] = {
+        "waiting": line.waiting,
+        "in_flight": line.in_flight,
+        "waiting_work": line.waiting_work,
+        "head_seq": line.head_seq,
+        "last_created_at": line.last_created_at,
+    }
+    if line.ends_moved:
+        ends = {
+            row.queue_seq: row
+            for row in session.execute(
+                select(Job.id, Job.created_at, Job.queue_seq).where(
+                    WAITING,
+                    Job.user_id == line.user_id,
+                    Job.queue_seq.in_([line.head_seq, line.head_seq + line.waiting - 1]),
+                )
+            )
+        }
+        head = ends.get(line.head_seq) if line.waiting else None
+        tail = ends.get(line.head_seq + line.waiting - 1) if line.waiting else None
+        values |= {
+            "head_job_id": head.id if head else None,
+            "head_created_at": head.created_at if head else None,
+            "tail_job_id": tail.id if tail else None,
+            "tail_created_at": tail.created_at if tail else None,
+        }
+    session.execute(update(UserQueue).where(UserQueue.user_id == line.user_id).values(**values))
+    tenant_changed(session, line.tenant_id)
+
+
+def leave_line(session: Session, line: Line, job_id: str, seq: int, work: int) -> None:
+    """Close the gap a job left in its line (it is no longer waiting).
+
+    The shorter side of the line moves by one, so taking the first or the last
+    job costs nothing, and one from the middle at most half the line.
+    """
+    rank = seq - line.head_seq
+    behind = line.waiting - 1 - rank
+    if rank <= behind:
+        if rank > 0:
+            session.execute(
+                update(Job)
+                .where(
+                    WAITING,
+                    Job.user_id == line.user_id,
+                    Job.queue_seq < seq,
+                    Job.id != job_id,
+                )
+                .values(queue_seq=Job.queue_seq + 1)
+            )
+        line.head_seq += 1
+    elif behind > 0:
+        session.execute(
+            update(Job)
+            .where(WAITING, Job.user_id == line.user_id, Job.queue_seq > seq, Job.id != job_id)
+            .values(queue_seq=Job.queue_seq - 1)
+        )
+    line.waiting -= 1
+    line.waiting_work -= work
+    line.ends_moved = True
+
+
+def enter_line(session: Session, line: Line, job_id: str, created_at: datetime, work: int) -> None:
+    """Put a job (already waiting, its number not yet set) in its first-in, first-out place."""
+    rank = 0
+    head = session.execute(
+        select(Job.created_at, Job.id).where(
+            WAITING, Job.user_id == line.user_id, Job.queue_seq == line.head_seq, Job.id != job_id
+        )
+    ).first()
+    # A job coming back (a lapsed lease, a lost message) is usually older than the whole line.
+    if line.waiting and head is not None and (created_at, job_id) > (head.created_at, head.id):
+        rank = session.execute(
+            select(func.count())
+            .select_from(Job)
+            .where(
+                WAITING,
+                Job.user_id == line.user_id,
+                Job.id != job_id,
+                (Job.created_at < created_at)
+                | ((Job.created_at == created_at) & (Job.id < job_id)),
+            )
+        ).scalar_one()
+    if rank <= line.waiting - rank:
+        if rank > 0:
+            session.execute(
+                update(Job)
+                .where(
+                    WAITING,
+                    Job.user_id == line.user_id,
+                    Job.queue_seq < line.head_seq + rank,
+                    Job.id != job_id,
+                )
+                .values(queue_seq=Job.queue_seq - 1)
+            )
+        line.head_seq -= 1
+    else:
+        session.execute(
+            update(Job)
+            .where(
+                WAITING,
+                Job.user_id == line.user_id,
+                Job.queue_seq >= line.head_seq + rank,
+                Job.id != job_id,
+            )
+            .values(queue_seq=Job.queue_seq + 1)
+        )
+    session.execute(update(Job).where(Job.id == job_id).values(queue_seq=line.head_seq + rank))
+    line.waiting += 1
+    line.waiting_work += work
+    line.ends_moved = True
+
+
+def tenant_changed(session: Session, tenant_id: int) -> None:
+    """Note that a tenant's queue must be brought up to date before the transaction ends."""
+    session.info.setdefault(_PENDING, set()).add(tenant_id)
+
+
+def refresh_tenants(session: Session) -> None:
+    """Bring every tenant noted in this transaction up to date, in tenant order (locks)."""
+    for tenant_id in sorted(session.info.pop(_PENDING, set())):
+        refresh_tenant(session, tenant_id)
+
+
+def keeps_tenants(transition: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a transition taking the session first: its tenants are refreshed at its end."""
+
+    @wraps(transition)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        result = transition(*args, **kwargs)
+        session = args[0]
+        assert isinstance(session, Session)
+        refresh_tenants(session)
+        return result
+
+    return wrapper
+
+
+def refresh_tenant(session: Session, tenant_id: int) -> None:
+    """Recompute a tenant's queue from its users' lines (one row per active user).
+
+    Its next job is its users' first jobs' minimum by (in_flight + 1) / weight, then
+    age: the order `shared.fairshare` gives a tenant's users.
+    """
+    weight = session.execute(
+        select(TenantQueue.weight).where(TenantQueue.tenant_id == tenant_id).with_for_update()
+    ).scalar_one()
+    sums = session.execute(
+        select(
+            func.coalesce(func.sum(UserQueue.waiting), 0),
+            func.coalesce(func.sum(UserQueue.in_flight), 0),
+            func.coalesce(func.sum(UserQueue.waiting_work), 0),
+            func.min(UserQueue.head_created_at),
+            func.max(UserQueue.tail_created_at),
+        ).where(UserQueue.tenant_id == tenant_id, ACTIVE_LINE)
+    ).one()
+    waiting, in_flight, work, oldest, newest = sums
+    first = None
+    if waiting:
+        first = session.execute(
+            select(UserQueue.user_id, UserQueue.head_job_id, UserQueue.head_created_at)
+            .join(User, User.id == UserQueue.user_id)
+            .where(UserQueue.tenant_id == tenant_id, UserQueue.waiting > 0)
+            .order_by(
+                cast(UserQueue.in_flight + 1, Float) / User.weight,
+                UserQueue.head_created_at,
+                UserQueue.head_job_id,
+            )
+            .limit(1)
+        ).one()
+    session.execute(
+        update(TenantQueue)
+        .where(TenantQueue.tenant_id == tenant_id)
+        .values(
+            waiting=waiting,
+            in_flight=in_flight,
+            waiting_work=work,
+            first_vt=(in_flight + 1) / weight if waiting else None,
+            first_user_id=first.user_id if first else None,
+            first_job_id=first.head_job_id if first else None,
+            first_created_at=first.head_created_at if first else None,
+            oldest_created_at=oldest if waiting else None,
+            newest_created_at=newest if waiting else None,
+        )
+    )
