@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # works offline; set KOLORS_FARM_MODEL=Kwai-Kolors/Kolors-diffusers for real images.
 export KOLORS_FARM_MODEL ?= tiny
 
-.PHONY: up test lint venv clean
+.PHONY: up test lint venv clean gpu-wheels gpu-bench
 
 venv: $(STAMP)
 
@@ -34,3 +34,17 @@ test: $(STAMP) lint
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
+
+# The GPU benchmark (docs/gpu.md). `gpu-wheels` downloads, here, the wheels a GPU machine
+# without a package index needs (cp312 manylinux x86-64) into .gpu-wheels/ and checks them;
+# `gpu-bench` runs every stage (bench/gpu/run.sh installs those wheels where needed).
+GPU_WHEELS := .gpu-wheels
+GPU_OUT ?= var/gpu-bench
+GPU_BENCH_ARGS ?=
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+
+gpu-wheels: $(STAMP)
+	$(BIN)/python bench/gpu/wheels.py download $(GPU_WHEELS)
+
+gpu-bench:
+	PYTHON=$(GPU_PYTHON) GPU_WHEELS=$(GPU_WHEELS) bash bench/gpu/run.sh $(GPU_OUT) $(GPU_BENCH_ARGS)

@@ -42,11 +42,11 @@ from worker.tiny import build_tiny_checkpoint  # noqa: E402
 def bare_renders(model_dir: Path, params: dict[str, Any], count: int, threads: int) -> list[float]:
     """Seconds per call of a bare KolorsPipeline loop (the floor the farm is measured against)."""
     import torch
-    from diffusers import KolorsPipeline
+    from diffusers.pipelines.kolors.pipeline_kolors import KolorsPipeline
 
     torch.set_num_threads(threads)
     pipe = KolorsPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
     times = []
     for i in range(count + 1):
         started = time.perf_counter()

@@ -110,7 +110,7 @@ class SimulatedRenderer:
 
 def sim_process(names: list[str], device_s: float, gaps_file: Path) -> None:
     """Run simulated workers (threads) until SIGTERM: each consumes the render queue."""
-    from kombu import Connection
+    from kombu.connection import Connection
 
     from shared.events import forget_worker, record_heartbeat
     from shared.queue import RENDER_QUEUE
@@ -143,7 +143,7 @@ def sim_process(names: list[str], device_s: float, gaps_file: Path) -> None:
                 stop.wait(1.0)
 
         threading.Thread(target=beat, daemon=True).start()
-        with Connection(settings.require_redis_url()) as connection:
+        with Connection(settings.require_redis_url()) as connection:  # type: ignore[no-untyped-call]
             queue = connection.SimpleQueue(RENDER_QUEUE)
             renderer.free_since = time.monotonic()
             while not stop.is_set():
@@ -361,7 +361,7 @@ def main() -> None:
     with admin.connect() as connection:
         connection.exec_driver_sql(f'CREATE DATABASE "{database}"')
     url = sa.make_url(POSTGRES_ADMIN_URL).set(database=database).render_as_string(False)
-    rows = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kf-fleet-") as tmp:
         workdir = Path(tmp)
         redis_port = free_port()

@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))
 
 import redis  # noqa: E402
 import torch  # noqa: E402
-from diffusers import KolorsPipeline  # noqa: E402
+from diffusers.pipelines.kolors.pipeline_kolors import KolorsPipeline  # noqa: E402
 
 from control.launcher import redis_argv, redis_server_binary  # noqa: E402
 from control.processes import free_port  # noqa: E402
@@ -203,7 +203,7 @@ def main() -> None:
         renderer=renderer,
     )
     pipe = KolorsPipeline.from_pretrained(str(model_dir), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
 
     rows: list[dict[str, Any]] = []
     print(HEADER, flush=True)

@@ -385,9 +385,12 @@ def http_costs(
 def fresh_database(kind: str, workdir: Path, name: str) -> tuple[str, Callable[[], None]]:
     if kind == "sqlite":
         path = workdir / f"{name}.db"
-        return f"sqlite:///{path}", lambda: [
-            p.unlink(missing_ok=True) for p in workdir.glob(f"{name}.db*")
-        ]  # type: ignore[func-returns-value]
+
+        def drop_sqlite() -> None:
+            for leftover in workdir.glob(f"{name}.db*"):
+                leftover.unlink(missing_ok=True)
+
+        return f"sqlite:///{path}", drop_sqlite
     admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
     database = f"kf_bench_{name}_{uuid.uuid4().hex[:8]}"
     with admin.connect() as connection:
