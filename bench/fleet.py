@@ -322,14 +322,17 @@ def measure(
         time.sleep(seconds)
         end = datetime.now(UTC)
     finally:
-        supervisor.stop(grace_s=60)
+        # Past the knee each worker drains a backlog of images to record on shutdown.
+        supervisor.stop(grace_s=180)
     done = settled_between(url, start, end)
     # The first wait of each worker includes its start; the rest are the control plane's.
-    gaps = [
-        gap * 1000
-        for index in range(len(groups))
-        for gap in json.loads((logs / f"gaps{workers}-{index}.json").read_text())[1:]
-    ]
+    gaps: list[float] = []
+    for index in range(len(groups)):
+        gaps_file = logs / f"gaps{workers}-{index}.json"
+        if not gaps_file.is_file():
+            log_tail = (logs / f"sim{workers}-{index}.log").read_text()[-4000:]
+            raise RuntimeError(f"sim{workers}-{index} wrote no gaps; its log ends:\n{log_tail}")
+        gaps += [gap * 1000 for gap in json.loads(gaps_file.read_text())[1:]]
     rate = done / (end - start).total_seconds()
     ideal = workers / device_s
     return {
