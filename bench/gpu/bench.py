@@ -80,8 +80,10 @@ def plan(selected: list[str], profile: stages.Profile, real_model: str | None) -
     tasks: list[Task] = []
     if "a" in selected:
         tasks.append(Task("a", "a", "stage_a", (), 180, 40))
+    # Stage b's speedups divide by stage a's time and by b's own fp16 level: those rows
+    # must exist first, even when the CPU rehearsal runs tasks side by side.
     if "b" in selected:
-        tasks.append(Task("b-eager", "b", "stage_b_eager", (), 240, 80))
+        tasks.append(Task("b-eager", "b", "stage_b_eager", (), 240, 80, ("a",)))
     if not real_model and ("c" in selected or "e" in selected):
         tasks.append(Task("save", "save", "save_checkpoint", (), 300, 60))
     # c and e run the farm's processes on the checkpoint the save task writes.
@@ -94,7 +96,9 @@ def plan(selected: list[str], profile: stages.Profile, real_model: str | None) -
         tasks.append(Task("e", "e", "stage_e", (), 300, 80, saved))
     if "b" in selected:
         for mode in profile.compile_modes:
-            tasks.append(Task(f"b-compile-{mode}", "b", "stage_b_compile", (mode,), 480, 150))
+            needs = ("a", "b-eager")
+            name = f"b-compile-{mode}"
+            tasks.append(Task(name, "b", "stage_b_compile", (mode,), 480, 150, needs))
     return tasks
 
 
