@@ -67,7 +67,12 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
 @contextmanager
 def read_only(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A transaction that only reads: on SQLite it never takes the write lock."""
-    # Closing (not rolling back) ends the transaction and keeps loaded objects readable.
     with factory() as session:
         session.connection(execution_options={READ_ONLY_OPTION: True})
         yield session
+        # End with COMMIT, not ROLLBACK: psycopg forgets its prepared statements on every
+        # rollback, and PostgreSQL then plans each read afresh (several ms for the queue
+        # position). Nothing is written: the objects are detached first, so a change made
+        # to one by mistake is dropped as a rollback would, and they stay readable.
+        session.expunge_all()
+        session.commit()
