@@ -1,4 +1,5 @@
-"""On SQLite, read-only requests never wait for the write lock: polls go on beside a writer."""
+"""Read-only transactions: on SQLite they never wait for the write lock (polls go on beside a
+writer); on every database they write nothing."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from shared.db import make_engine, make_session_factory, transaction
+from shared.db import make_engine, make_session_factory, read_only, transaction
 from shared.migrate import migrate_database
+from shared.models import Job, JobState
 from shared.params import KolorsParams
 from shared.settings import Settings
 from shared.transitions import submit_job
@@ -55,3 +58,17 @@ def test_reads_complete_while_another_process_holds_the_write_lock(
     assert response.status_code == 200, response.get_json()
     assert outcome == ["read first"]
     app.extensions["kolors_farm"].close()
+
+
+def test_a_read_only_transaction_writes_nothing_and_keeps_its_objects_readable(
+    sessions: sessionmaker[Session],
+) -> None:
+    user = make_user(sessions, "reader", 10_000)
+    with transaction(sessions) as session:
+        job_id = submit_job(session, user.principal, KolorsParams(prompt="x"), Decimal(1)).id
+    with read_only(sessions) as session:
+        job = session.get_one(Job, job_id)
+        job.state = JobState.FAILED  # a change made by mistake inside a read
+    assert job.state == JobState.FAILED and job.id == job_id  # still readable after the end
+    with read_only(sessions) as session:
+        assert session.get_one(Job, job_id).state == JobState.QUEUED
