@@ -12,7 +12,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -150,6 +151,29 @@ def farm_env(
     )
     env.update({f"KOLORS_FARM_{key.upper()}": value for key, value in settings.items()})
     return env
+
+
+@dataclass
+class RunningFarm:
+    """A farm started by `running_farm`: its API's URL and its processes."""
+
+    url: str
+    processes: FarmProcesses
+
+
+@contextmanager
+def running_farm(env: dict[str, str], data_dir: Path, worker: str) -> Iterator[RunningFarm]:
+    """Migrate, then run one worker, the dispatcher and the API until the block ends."""
+    processes = FarmProcesses(env=env, logs=data_dir / "logs")
+    processes.cli("migrate")
+    try:
+        processes.start_worker(worker)
+        processes.start_dispatcher()
+        url = processes.start_api()
+        processes.wait_for_workers({worker})
+        yield RunningFarm(url=url, processes=processes)
+    finally:
+        processes.stop_all()
 
 
 @dataclass

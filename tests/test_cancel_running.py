@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import RedisServer
-from tests.processes import FarmProcesses, farm_env, wait_for
+from tests.processes import RunningFarm, farm_env, running_farm, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -50,16 +49,10 @@ def image_price(width: int, height: int, steps: int) -> Decimal:
 PRICE = image_price(512, 512, STEPS)  # 0.25 * 50 / 25 = 0.5 credit an image
 
 
-@dataclass
-class Farm:
-    url: str
-    processes: FarmProcesses
-
-
 @pytest.fixture(scope="module")
 def farm(
     redis_server: RedisServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Farm]:
+) -> Iterator[RunningFarm]:
     data_dir = tmp_path_factory.mktemp("cancel-farm")
     env = farm_env(
         data_dir,
@@ -68,19 +61,11 @@ def farm(
         tiny_model_dir,
         progress_interval_s="0",  # every step is written, so the step it stopped at shows
     )
-    processes = FarmProcesses(env=env, logs=data_dir / "logs")
-    processes.cli("migrate")
-    try:
-        processes.start_worker(WORKER)
-        processes.start_dispatcher()
-        url = processes.start_api()
-        processes.wait_for_workers({WORKER})
-        yield Farm(url=url, processes=processes)
-    finally:
-        processes.stop_all()
+    with running_farm(env, data_dir, WORKER) as farm:
+        yield farm
 
 
-def credits_of(farm: Farm, key: str) -> Decimal:
+def credits_of(farm: RunningFarm, key: str) -> Decimal:
     response = httpx.get(f"{farm.url}/v1/get-user-credits", headers={"x-api-key": key})
     assert response.status_code == 200, response.text
     credits: str = response.json()["credits"]
@@ -88,7 +73,7 @@ def credits_of(farm: Farm, key: str) -> Decimal:
     return Decimal(credits)
 
 
-def test_delete_stops_a_running_job_at_its_next_step(farm: Farm) -> None:
+def test_delete_stops_a_running_job_at_its_next_step(farm: RunningFarm) -> None:
     key = farm.processes.create_user("canceller", "10")
     headers = {"x-api-key": key}
     before = credits_of(farm, key)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from PIL import Image
 from shared.params import KolorsParams
 from shared.settings import Settings
 from tests.conftest import RedisServer
-from tests.processes import FarmProcesses, farm_env, wait_for
+from tests.processes import RunningFarm, farm_env, running_farm, wait_for
 from worker.pipeline import KolorsRenderer
 
 SEED = 4242
@@ -118,16 +117,10 @@ def test_an_image_rendered_in_a_batch_matches_it_rendered_alone(
 WORKER = "batch-cpu0"
 
 
-@dataclass
-class Farm:
-    url: str
-    processes: FarmProcesses
-
-
 @pytest.fixture(scope="module")
 def farm(
     redis_server: RedisServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Farm]:
+) -> Iterator[RunningFarm]:
     data_dir = tmp_path_factory.mktemp("batch-farm")
     env = farm_env(
         data_dir,
@@ -137,16 +130,8 @@ def farm(
         render_batch_size="3",
         progress_interval_s="0",  # every step shows in the status
     )
-    processes = FarmProcesses(env=env, logs=data_dir / "logs")
-    processes.cli("migrate")
-    try:
-        processes.start_worker(WORKER)
-        processes.start_dispatcher()
-        url = processes.start_api()
-        processes.wait_for_workers({WORKER})
-        yield Farm(url=url, processes=processes)
-    finally:
-        processes.stop_all()
+    with running_farm(env, data_dir, WORKER) as farm:
+        yield farm
 
 
 JOB = {
@@ -159,21 +144,21 @@ JOB = {
 }
 
 
-def submit(farm: Farm, headers: dict[str, str], **fields: Any) -> str:
+def submit(farm: RunningFarm, headers: dict[str, str], **fields: Any) -> str:
     response = httpx.post(f"{farm.url}/v2/kolors", json=JOB | fields, headers=headers)
     assert response.status_code == 202, response.text
     job_id: str = response.json()["request_id"]
     return job_id
 
 
-def status(farm: Farm, headers: dict[str, str], job_id: str) -> dict[str, Any]:
+def status(farm: RunningFarm, headers: dict[str, str], job_id: str) -> dict[str, Any]:
     response = httpx.get(f"{farm.url}/v2/requests/{job_id}/status", headers=headers)
     body: dict[str, Any] = response.json()
     assert body["status"] != "FAILED", body
     return body
 
 
-def completed(farm: Farm, headers: dict[str, str], job_id: str) -> dict[str, Any]:
+def completed(farm: RunningFarm, headers: dict[str, str], job_id: str) -> dict[str, Any]:
     wait_for(
         lambda: status(farm, headers, job_id)["status"] == "COMPLETED",
         120,
@@ -186,7 +171,7 @@ def completed(farm: Farm, headers: dict[str, str], job_id: str) -> dict[str, Any
     return body
 
 
-def stored_pixels(farm: Farm, headers: dict[str, str], job_id: str, index: int) -> Pixels:
+def stored_pixels(farm: RunningFarm, headers: dict[str, str], job_id: str, index: int) -> Pixels:
     response = httpx.get(f"{farm.url}/v2/requests/{job_id}/images/{index}", headers=headers)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/png"
@@ -194,7 +179,7 @@ def stored_pixels(farm: Farm, headers: dict[str, str], job_id: str, index: int) 
 
 
 @pytest.mark.e2e
-def test_a_worker_rendering_three_per_call_gives_image_i_seed_plus_i(farm: Farm) -> None:
+def test_a_worker_rendering_three_per_call_gives_image_i_seed_plus_i(farm: RunningFarm) -> None:
     key = farm.processes.create_user("batcher", "10")
     headers = {"x-api-key": key}
 
