@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,8 +51,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.queue_depth import tenant_rows  # noqa: E402
-from control.launcher import redis_argv, redis_server_binary  # noqa: E402
-from control.processes import ChildSpec, Supervisor, free_port  # noqa: E402
+from control.launcher import start_scratch_redis  # noqa: E402
+from control.processes import ChildSpec, Supervisor  # noqa: E402
 from shared.migrate import migrate_database  # noqa: E402
 from shared.models import Job, LedgerEntry, Tenant, TenantQueue, User, UserQueue  # noqa: E402
 from shared.params import KolorsParams  # noqa: E402
@@ -367,21 +366,14 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kf-fleet-") as tmp:
         workdir = Path(tmp)
-        redis_port = free_port()
-        redis_proc = subprocess.Popen(
-            [
-                *redis_argv(redis_server_binary(), redis_port, workdir / "redis"),
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
+        scratch = start_scratch_redis(workdir / "redis")
+        redis_proc = scratch.process
         env = dict(
             os.environ,
             PYTHONPATH=str(REPO),
             KOLORS_FARM_DATA_DIR=str(workdir),
             KOLORS_FARM_DATABASE_URL=url,
-            KOLORS_FARM_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+            KOLORS_FARM_REDIS_URL=scratch.url,
             KOLORS_FARM_LEASE_S="60",
             KOLORS_FARM_PROGRESS_INTERVAL_S="0.5",
         )

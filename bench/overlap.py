@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,12 +52,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import redis  # noqa: E402
 import torch  # noqa: E402
 from diffusers.pipelines.kolors.pipeline_kolors import KolorsPipeline  # noqa: E402
 
-from control.launcher import redis_argv, redis_server_binary  # noqa: E402
-from control.processes import free_port  # noqa: E402
+from control.launcher import start_scratch_redis  # noqa: E402
 from shared.accounts import Principal, create_user  # noqa: E402
 from shared.db import make_engine, make_session_factory, transaction  # noqa: E402
 from shared.events import make_redis  # noqa: E402
@@ -86,26 +83,6 @@ class Side:
     save_s: list[float] = field(default_factory=list)  # bare only: encode and save
     busy: list[float] = field(default_factory=list)  # farm only: per round
     busy_s: float = 0.0  # farm only: inside pipeline calls
-
-
-def start_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A private, non-persistent redis-server, as the tests start one."""
-    port = free_port()
-    argv = redis_argv(redis_server_binary(), port, data_dir)
-    argv[argv.index("--appendonly") + 1] = "no"
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            return process, url
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise
-            time.sleep(0.05)
 
 
 def bare_round(
@@ -182,7 +159,8 @@ def main() -> None:
         args.jobs, args.rounds = 1, 2
     work = Path(tempfile.mkdtemp(prefix="kolors-farm-overlap-"))
     model_dir = build_tiny_checkpoint(work / "tiny")
-    redis_process, redis_url = start_redis(work / "redis")
+    scratch = start_scratch_redis(work / "redis")
+    redis_process, redis_url = scratch.process, scratch.url
     database_url = f"sqlite:///{work / 'farm.db'}"
     migrate_database(database_url)
     engine = make_engine(database_url)

@@ -33,7 +33,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,7 +51,7 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from control.launcher import redis_argv, redis_server_binary  # noqa: E402
+from control.launcher import start_scratch_redis  # noqa: E402
 from control.processes import ChildSpec, Supervisor, free_port  # noqa: E402
 from shared.accounts import create_api_key  # noqa: E402
 from shared.db import make_engine, make_session_factory, read_only, transaction  # noqa: E402
@@ -431,16 +430,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kf-bench-") as tmp:
         workdir = Path(tmp)
-        redis_port = free_port()
-        redis_proc = subprocess.Popen(
-            [
-                *redis_argv(redis_server_binary(), redis_port, workdir / "redis"),
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        scratch = start_scratch_redis(workdir / "redis")
+        redis_proc, redis_url = scratch.process, scratch.url
         try:
             for kind in args.databases.split(","):
                 for mix in args.mixes.split(","):

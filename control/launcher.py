@@ -14,10 +14,12 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -67,6 +69,37 @@ def redis_argv(binary: str, port: int, data_dir: Path) -> list[str]:
         "--protected-mode",
         "yes",
     ]
+
+
+@dataclass
+class RedisServer:
+    """A redis-server child and its URL."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    port: int
+
+
+def start_scratch_redis(data_dir: Path, port: int | None = None) -> RedisServer:
+    """A private redis-server that persists nothing (tests, benchmarks), once it answers."""
+    port = port or free_port()
+    argv = redis_argv(redis_server_binary(), port, data_dir)
+    argv[argv.index("--appendonly") + 1] = "no"
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise
+            time.sleep(0.05)
+    client.close()
+    return RedisServer(url=url, process=process, port=port)
 
 
 def _wait_ready(

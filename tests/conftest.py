@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -22,8 +20,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from control.launcher import redis_argv, redis_server_binary
-from control.processes import free_port
+from control.launcher import RedisServer, start_scratch_redis
 from shared.accounts import Principal, create_user
 from shared.db import make_engine, make_session_factory, transaction
 from shared.events import make_redis
@@ -39,39 +36,9 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 
 
-@dataclass
-class RedisServer:
-    """A redis-server process the tests own."""
-
-    url: str
-    process: subprocess.Popen[bytes]
-    port: int
-
-
-def start_redis(data_dir: Path, port: int | None = None) -> RedisServer:
-    """Start a private, non-persistent redis-server (on a free port unless given)."""
-    port = port or free_port()
-    argv = redis_argv(redis_server_binary(), port, data_dir)
-    argv[argv.index("--appendonly") + 1] = "no"
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise
-            time.sleep(0.05)
-    return RedisServer(url=url, process=process, port=port)
-
-
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
+    server = start_scratch_redis(tmp_path_factory.mktemp("redis"))
     yield server
     server.process.terminate()
     server.process.wait(timeout=10)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import RedisServer
+from control.launcher import RedisServer
 from tests.processes import RunningFarm, farm_env, running_farm, wait_for
 
 pytestmark = pytest.mark.e2e

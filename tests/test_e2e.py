@@ -14,7 +14,7 @@ import pytest
 import segmind
 from PIL import Image
 
-from tests.conftest import RedisServer
+from control.launcher import RedisServer
 from tests.processes import FarmProcesses, farm_env
 
 pytestmark = pytest.mark.e2e

@@ -23,12 +23,13 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from control.launcher import RedisServer, start_scratch_redis
 from shared.db import make_engine, make_session_factory, transaction
 from shared.events import DISPATCH_LOCK_KEY
 from shared.ledger import get_balance, held_for_job, ledger_balance
 from shared.migrate import migrate_database
 from shared.models import TERMINAL_STATES, Job, JobImage, LedgerEntry, LedgerKind, User
-from tests.conftest import RedisServer, empty_database, start_redis
+from tests.conftest import empty_database
 from tests.processes import FarmProcesses, farm_env, init_postgres_cluster, wait_for
 
 pytestmark = pytest.mark.faults
@@ -51,7 +52,7 @@ def pg_url(postgres_database: str) -> str:
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path / "redis")
+    server = start_scratch_redis(tmp_path / "redis")
     yield server
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGCONT)
@@ -223,7 +224,7 @@ def test_redis_restarted_empty_with_jobs_queued_loses_none(
     wait_for(lambda: int(client.llen("render")) >= 15, 30, "the jobs to reach the broker")
     own_redis.process.kill()
     own_redis.process.wait()
-    restarted = start_redis(tmp_path / "redis2", port=own_redis.port)
+    restarted = start_scratch_redis(tmp_path / "redis2", port=own_redis.port)
     own_redis.process = restarted.process
     # The queued messages are gone. The dispatcher (released jobs older than 2 s whose
     # messages the broker lacks) may already be publishing the first of them again.

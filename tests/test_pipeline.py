@@ -27,6 +27,7 @@ from PIL import Image
 from sqlalchemy import Engine, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from control.launcher import RedisServer
 from shared.db import make_engine, make_session_factory, transaction
 from shared.events import live_workers, make_redis, read_progress, settling_jobs
 from shared.ledger import get_balance, ledger_balance
@@ -37,7 +38,7 @@ from shared.queue import make_celery, publish_render
 from shared.settings import Settings
 from shared.storage import LocalStorage, StorageError
 from shared.transitions import LeaseOutcome, recover_expired_leases, submit_job
-from tests.conftest import ApiUser, RedisServer, make_user, release_job
+from tests.conftest import ApiUser, make_user, release_job
 from tests.processes import FarmProcesses, farm_env, wait_for
 from worker.app import heartbeat_loop, worker_info
 from worker.pipeline import KolorsRenderer, StepCallback, StopCheck

@@ -20,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
+from control.launcher import RedisServer
 from shared.params import KolorsParams
 from shared.settings import Settings
-from tests.conftest import RedisServer
 from tests.processes import RunningFarm, farm_env, running_farm, wait_for
 from worker.pipeline import KolorsRenderer
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from control.launcher import redis_argv, redis_server_binary
+from control.launcher import start_scratch_redis
 from control.processes import free_port
 from shared.params import KolorsParams
 from shared.settings import Settings
@@ -910,26 +910,6 @@ def _bare_result(proc: subprocess.Popen[bytes], log: Path) -> dict[str, float]:
     return times
 
 
-def _start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    argv = redis_argv(redis_server_binary(), port, folder)
-    argv[argv.index("--appendonly") + 1] = "no"
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    from shared.events import make_redis
-
-    client = make_redis(url)
-
-    def pings() -> bool:
-        try:
-            return bool(client.ping())
-        except Exception:
-            return False
-
-    wait_until(pings, 30, "redis-server", every=0.05)
-    return proc, url
-
-
 def stage_e(ctx: Context) -> None:
     """Worker process start to ready, against a bare from_pretrained(...).to(device)."""
     from shared.events import live_workers, make_redis
@@ -940,7 +920,8 @@ def stage_e(ctx: Context) -> None:
     source = farm_model(ctx)
     data_dir = ctx.work / f"cold-{os.getpid()}"
     data_dir.mkdir(parents=True)
-    redis_proc, redis_url = _start_redis(data_dir / "redis")
+    scratch = start_scratch_redis(data_dir / "redis")
+    redis_proc, redis_url = scratch.process, scratch.url
     worker_log = data_dir / "worker.log"
     bare_proc: subprocess.Popen[bytes] | None = None
     try:
