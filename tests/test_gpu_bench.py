@@ -3,7 +3,7 @@
 The same entry point and code path a GPU run takes (the pipeline built from committed
 config files, the farm's renderer and options, `kolors-farm up` over HTTP, the saved
 checkpoint, the cold-start worker, the JSON lines), at the tiny checkpoint's sizes, so
-that a run on a lent GPU can only fail for reasons of the GPU. Timings are not checked,
+that a run on a GPU machine can only fail for reasons of the GPU. Timings are not checked,
 only that every row is there and holds sane values. The tiny profile runs three tasks
 at once to stay short (a GPU run takes them one at a time).
 """

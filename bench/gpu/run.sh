@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one command: bench/gpu/run.sh OUTDIR [bench.py options, e.g. --stages a,b]
 #
-# Where the farm's dependencies are missing (the lent GPU machines have torch and
+# Where the farm's dependencies are missing (an offline GPU image with torch and
 # transformers but not diffusers, Flask, Celery, SQLAlchemy or Redis), installs the wheel
 # bundle that `make gpu-wheels` downloaded into a temporary target and puts it on
 # PYTHONPATH; then runs bench/gpu/bench.py under a time limit. Results: OUTDIR/results.jsonl.

@@ -3,7 +3,7 @@
     python bench/gpu/wheels.py download .gpu-wheels   # pip download each pin of wheels.txt
     python bench/gpu/wheels.py check .gpu-wheels      # what `make gpu-wheels` runs after it
 
-The lent GPU machines run Python 3.12 with torch and transformers but reach no
+The target GPU machines run Python 3.12 with torch and transformers but reach no
 package index, so the farm's other dependencies travel as cp312 manylinux x86-64
 wheels (bench/gpu/run.sh installs them with --no-deps into a temporary target).
 `check` proves, on this machine, that the folder holds exactly the pinned wheels,
