@@ -80,7 +80,7 @@ PROFILES = {
         many=10,
         memory_budget_gib=24.0,
         compile_backend="inductor",
-        # default first: its compile is the one that fits a short lease; the farm's own
+        # default first: its compile is the one that fits a short run; the farm's own
         # setting (KOLORS_FARM_COMPILE_UNET) compiles with max-autotune.
         compile_modes=("default", "max-autotune"),
         parallel=1,
