@@ -203,7 +203,10 @@ def users() -> None:
     show_default=True,
     help="Initial credits (up to three decimals).",
 )
-def users_create(name: str, tenant: str | None, credit_text: str) -> None:
+@click.option(
+    "--admin", is_flag=True, help="An operator: sees the whole farm and may grant credits."
+)
+def users_create(name: str, tenant: str | None, credit_text: str, admin: bool) -> None:
     """Create a user; prints its new API key alone on the last line."""
     from shared.accounts import create_user
     from shared.db import make_engine, make_session_factory, transaction
@@ -214,13 +217,13 @@ def users_create(name: str, tenant: str | None, credit_text: str) -> None:
     engine = make_engine(_settings().resolved_database_url)
     try:
         with transaction(make_session_factory(engine)) as session:
-            user, key = create_user(session, name, tenant or name, amount)
+            user, key = create_user(session, name, tenant or name, amount, admin=admin)
     except FarmError as exc:
         raise click.ClickException(exc.message) from exc
     finally:
         engine.dispose()
     click.echo(
-        f"created user {user.name!r} (tenant {tenant or name!r}) with "
+        f"created {'admin' if admin else 'user'} {user.name!r} (tenant {tenant or name!r}) with "
         f"{format_credits(amount)} credits; its API key (shown once):"
     )
     click.echo(key)

@@ -25,6 +25,7 @@ class Principal:
     user_id: int
     tenant_id: int
     user_name: str
+    is_admin: bool = False
 
 
 def hash_api_key(key: str) -> str:
@@ -43,12 +44,14 @@ def get_or_create_tenant(session: Session, name: str) -> Tenant:
     return tenant
 
 
-def create_user(session: Session, name: str, tenant_name: str, credits: int) -> tuple[User, str]:
+def create_user(
+    session: Session, name: str, tenant_name: str, credits: int, *, admin: bool = False
+) -> tuple[User, str]:
     """Create a user with `credits` millicredits and a first API key; return both."""
     if session.execute(select(User.id).where(User.name == name)).first() is not None:
         raise Conflict(f"A user named {name!r} already exists")
     tenant = get_or_create_tenant(session, tenant_name)
-    user = User(name=name, tenant_id=tenant.id, balance=0)
+    user = User(name=name, tenant_id=tenant.id, balance=0, is_admin=admin)
     session.add(user)
     session.flush()
     session.add(UserQueue(user_id=user.id, tenant_id=tenant.id))
@@ -77,13 +80,15 @@ def authenticate(session: Session, key: str | None) -> Principal:
     if not key:
         raise Unauthorized("Missing API key: send it in the x-api-key header")
     row = session.execute(
-        select(User.id, User.tenant_id, User.name)
+        select(User.id, User.tenant_id, User.name, User.is_admin)
         .join(ApiKey, ApiKey.user_id == User.id)
         .where(ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None))
     ).first()
     if row is None:
         raise Unauthorized("Invalid API key")
-    return Principal(user_id=row.id, tenant_id=row.tenant_id, user_name=row.name)
+    return Principal(
+        user_id=row.id, tenant_id=row.tenant_id, user_name=row.name, is_admin=row.is_admin
+    )
 
 
 def set_user_weight(session: Session, name: str, weight: int) -> None:

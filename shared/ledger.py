@@ -6,11 +6,51 @@ makes a hold and the job it pays for appear together or not at all.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from shared.errors import NotEnoughCredits, NotFound
-from shared.models import LedgerEntry, LedgerKind, User
+from shared.models import LedgerEntry, LedgerKind, UsageDay, User, utcnow
+
+# The usage rollup column each kind of entry adds to.
+_USAGE_COLUMN = {
+    LedgerKind.GRANT: "granted",
+    LedgerKind.HOLD: "held",
+    LedgerKind.CAPTURE: "captured",
+    LedgerKind.RELEASE: "released",
+}
+
+
+def _record(session: Session, entry: LedgerEntry) -> None:
+    """Append a ledger entry and add it to its user's usage for today, in one transaction."""
+    session.add(entry)
+    kind = LedgerKind(entry.kind)
+    column = _USAGE_COLUMN[kind]
+    # Every kind moves one positive amount: grants and releases into the balance,
+    # holds into the hold, captures out of it.
+    amount = (
+        entry.available_delta
+        if kind in (LedgerKind.GRANT, LedgerKind.RELEASE)
+        else (abs(entry.held_delta))
+    )
+    values: dict[str, Any] = {
+        "tenant_id": select(User.tenant_id).where(User.id == entry.user_id).scalar_subquery(),
+        "user_id": entry.user_id,
+        "day": utcnow().date(),
+        column: amount,
+    }
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(UsageDay).values(**values)
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[UsageDay.user_id, UsageDay.day],
+            set_={column: getattr(UsageDay, column) + amount},
+        )
+    )
 
 
 def grant_credits(session: Session, user_id: int, amount: int, note: str | None = None) -> int:
@@ -25,14 +65,15 @@ def grant_credits(session: Session, user_id: int, amount: int, note: str | None 
     ).scalar_one_or_none()
     if balance is None:
         raise NotFound(f"No user with id {user_id}")
-    session.add(
+    _record(
+        session,
         LedgerEntry(
             user_id=user_id,
             kind=LedgerKind.GRANT.value,
             available_delta=amount,
             held_delta=0,
             note=note,
-        )
+        ),
     )
     return balance
 
@@ -48,14 +89,15 @@ def hold_credits(session: Session, user_id: int, job_id: str, amount: int) -> in
     ).scalar_one_or_none()
     if balance is None:
         raise NotEnoughCredits()
-    session.add(
+    _record(
+        session,
         LedgerEntry(
             user_id=user_id,
             job_id=job_id,
             kind=LedgerKind.HOLD.value,
             available_delta=-amount,
             held_delta=amount,
-        )
+        ),
     )
     return balance
 
@@ -65,14 +107,15 @@ def capture_image_credit(session: Session, user_id: int, job_id: str, amount: in
     outstanding = held_for_job(session, job_id)
     if amount > outstanding:
         raise ValueError(f"capture of {amount} exceeds the {outstanding} held for job {job_id}")
-    session.add(
+    _record(
+        session,
         LedgerEntry(
             user_id=user_id,
             job_id=job_id,
             kind=LedgerKind.CAPTURE.value,
             available_delta=0,
             held_delta=-amount,
-        )
+        ),
     )
 
 
@@ -84,14 +127,15 @@ def release_hold(session: Session, user_id: int, job_id: str) -> int:
     session.execute(
         update(User).where(User.id == user_id).values(balance=User.balance + outstanding)
     )
-    session.add(
+    _record(
+        session,
         LedgerEntry(
             user_id=user_id,
             job_id=job_id,
             kind=LedgerKind.RELEASE.value,
             available_delta=outstanding,
             held_delta=-outstanding,
-        )
+        ),
     )
     return outstanding
 

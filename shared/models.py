@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     CheckConstraint,
+    Date,
     DateTime,
     Dialect,
     Float,
@@ -148,6 +149,8 @@ class User(Base):
     weight: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     # Cached sum of the ledger's available_delta; changed only by conditional UPDATEs.
     balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Operators see the whole farm in the console and may grant credits.
+    is_admin: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     tenant: Mapped[Tenant] = relationship(back_populates="users")
@@ -161,9 +164,11 @@ class ApiKey(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    prefix: Mapped[str] = mapped_column(String(16))
+    prefix: Mapped[str] = mapped_column(String(16), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Updated at most once a minute per key, so authentication stays a read.
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Job(Base):
@@ -205,6 +210,9 @@ class Job(Base):
             postgresql_where=text(LIVE_DEADLINE_SQL),
             sqlite_where=text(LIVE_DEADLINE_SQL),
         ),
+        # A tenant's history, newest first, whole or by state (keyset-paginated).
+        Index("ix_jobs_tenant_history", "tenant_id", "created_at", "id"),
+        Index("ix_jobs_tenant_state_history", "tenant_id", "state", "created_at", "id"),
         Index(
             "ix_jobs_retained",
             "expires_at",
@@ -380,3 +388,26 @@ class LedgerEntry(Base):
     held_delta: Mapped[int] = mapped_column(BigInteger)
     note: Mapped[str | None] = mapped_column(String(200), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UsageDay(Base):
+    """One user's credit movements on one UTC day, kept with every ledger entry.
+
+    Summing the ledger for a report would read every entry of the period; this
+    rollup makes a tenant's usage one index range per day, however many jobs ran.
+    """
+
+    __tablename__ = "usage_days"
+    __table_args__ = (
+        UniqueConstraint("user_id", "day", name="uq_usage_days_user_id_day"),
+        Index("ix_usage_days_tenant_day", "tenant_id", "day", "user_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    day: Mapped[date] = mapped_column(Date)
+    granted: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    held: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    captured: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    released: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
