@@ -8,14 +8,20 @@ import sys
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
 from shared.settings import Settings
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from sqlalchemy.orm import Session
+
+    from shared.accounts import KeyInfo
+
+T = TypeVar("T")
 
 
 def _settings() -> Settings:
@@ -302,3 +308,95 @@ def credits_grant(name: str, amount: str) -> None:
         f"granted {format_credits(millicredits)} credits to {name!r}; "
         f"balance {format_credits(balance)}"
     )
+
+
+@main.group()
+def keys() -> None:
+    """Manage API keys (a user may hold several)."""
+
+
+@keys.command("create")
+@click.argument("name")
+def keys_create(name: str) -> None:
+    """Issue one more API key for user NAME; prints it alone on the last line."""
+    from shared.accounts import DISPLAY_PREFIX_LENGTH, create_key_for_user
+
+    key = _with_session(lambda session: create_key_for_user(session, name))
+    click.echo(
+        f"created an API key for {name!r} (prefix {key[:DISPLAY_PREFIX_LENGTH]}); "
+        "the key (shown once):"
+    )
+    click.echo(key)
+
+
+@keys.command("list")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
+def keys_list(name: str, as_json: bool) -> None:
+    """List user NAME's keys: prefix, created, last used, revoked (never the key itself)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from shared.accounts import list_api_keys
+
+    found = _with_session(lambda session: list_api_keys(session, name))
+    if as_json:
+        click.echo(json.dumps({"user": name, "keys": [_key_json(info) for info in found]}))
+        return
+    table = Table("prefix", "created", "last used", "revoked", title=f"API keys of {name}")
+    for info in found:
+        row = _key_json(info)
+        table.add_row(
+            info.prefix,
+            row["created_at"],
+            row["last_used_at"] or "never",
+            row["revoked_at"] or "",
+        )
+    Console().print(table)
+
+
+@keys.command("revoke")
+@click.argument("prefix")
+def keys_revoke(prefix: str) -> None:
+    """Revoke the API key shown as PREFIX by `keys list` (refused if several keys share it).
+
+    The key is refused from its next request on. Revoking a key that is already revoked
+    changes nothing, says so and exits 0.
+    """
+    from shared.accounts import revoke_api_key
+
+    info, revoked = _with_session(lambda session: revoke_api_key(session, prefix))
+    if revoked:
+        click.echo(f"revoked API key {info.prefix} of {info.user!r}")
+    else:
+        click.echo(f"API key {info.prefix} of {info.user!r} was already revoked; nothing changed")
+
+
+def _key_json(info: KeyInfo) -> dict[str, str | None]:
+    def stamp(value: datetime | None) -> str | None:
+        return value.isoformat(timespec="seconds") if value else None
+
+    return {
+        "prefix": info.prefix,
+        "user": info.user,
+        "created_at": stamp(info.created_at),
+        "last_used_at": stamp(info.last_used_at),
+        "revoked_at": stamp(info.revoked_at),
+    }
+
+
+def _with_session(work: Callable[[Session], T]) -> T:
+    """Run `work` in one transaction on the configured database; domain errors exit 1."""
+    from shared.db import make_engine, make_session_factory, transaction
+    from shared.errors import FarmError
+
+    engine = make_engine(_settings().resolved_database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            return work(session)
+    except FarmError as exc:
+        raise click.ClickException(exc.message) from exc
+    finally:
+        engine.dispose()
