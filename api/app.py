@@ -6,6 +6,7 @@ import logging
 
 from flask import Flask
 
+from api.admin import bp as admin_bp
 from api.auth import add_remaining_credits
 from api.context import EXTENSION_KEY
 from api.errors import register_error_handlers
@@ -25,6 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions[EXTENSION_KEY] = resources
     app.register_blueprint(bp)
     app.register_blueprint(openapi_bp)
+    app.register_blueprint(admin_bp)
     app.after_request(add_remaining_credits)
     register_error_handlers(app)
     logging.getLogger(__name__).info(
