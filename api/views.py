@@ -8,12 +8,33 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import redis
-from flask import Blueprint, Response, g, jsonify, request, url_for
+from flask import Blueprint, Response, g, request, url_for
 from sqlalchemy import text
 
 from api.auth import authenticated, current_principal
 from api.context import farm
 from api.errors import problem
+from api.schemas import (
+    Cancelled,
+    Checks,
+    Health,
+    JobResult,
+    JobStatus,
+    Metrics,
+    Output,
+    Progress,
+    Readiness,
+    Submitted,
+    SyncResult,
+    UserCredits,
+)
+from api.spec import (
+    Alternative,
+    HeaderParameter,
+    ResponseHeader,
+    operation,
+    respond,
+)
 from shared.db import read_only, transaction
 from shared.errors import InvalidLink, InvalidParams
 from shared.events import (
@@ -28,7 +49,7 @@ from shared.events import (
 from shared.ledger import get_balance
 from shared.links import ImageLink, sign_image_link, signing_key, verify_image_link
 from shared.models import TERMINAL_STATES, Job, JobImage, JobState, utcnow
-from shared.params import KolorsParams, parse_params
+from shared.params import CONTENT_TYPES, KolorsParams, parse_params
 from shared.pricing import format_credits
 from shared.queries import (
     ensure_results_retained,
@@ -39,12 +60,43 @@ from shared.queries import (
     public_status,
     queue_place,
 )
+from shared.settings import Settings
 from shared.transitions import cancel_job, submit_job
 
 log = logging.getLogger(__name__)
 bp = Blueprint("kolors", __name__)
 
 FAILED_HTTP_STATUS = 422  # Segmind serves FAILED bodies with 422; its SDK expects that.
+IMAGE_MEDIA_TYPES = tuple(CONTENT_TYPES.values())
+
+DEADLINE_HEADER = "X-Deadline-Seconds"
+RETENTION_HEADER = "X-Retention-Seconds"
+
+# The bounds the server enforces, from the app's settings, so the document states them.
+DEADLINE = HeaderParameter(
+    DEADLINE_HEADER,
+    "Stop the job this many seconds after submission, like a cancel "
+    "(above 0, at most the farm's maximum).",
+    lambda settings: {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "maximum": settings.max_deadline_s,
+    },
+)
+RETENTION = HeaderParameter(
+    RETENTION_HEADER,
+    "Keep the results this many seconds from submission (within the farm's bounds; "
+    "default KOLORS_FARM_RESULT_RETENTION_S).",
+    lambda settings: {
+        "type": "number",
+        "minimum": settings.min_retention_s,
+        "maximum": settings.max_retention_s,
+    },
+)
+SEED_HEADER = ResponseHeader("The image's seed.", {"type": "string", "pattern": "^[0-9]+$"})
+FAILED_STATUS = "The request FAILED (or was cancelled): the same body, with `error`."
+SUBMISSION_ERRORS = (400, 401, 406, 413, 429, 503)
+BODY_MEDIA_TYPES = ("application/json", "application/x-www-form-urlencoded")
 
 
 def _request_fields() -> dict[str, Any]:
@@ -55,10 +107,6 @@ def _request_fields() -> dict[str, Any]:
             raise InvalidParams.single("body", "json_object", "must be a JSON object")
         return body
     return request.form.to_dict(flat=True)
-
-
-DEADLINE_HEADER = "X-Deadline-Seconds"
-RETENTION_HEADER = "X-Retention-Seconds"
 
 
 def _seconds_header(name: str, low: float, high: float, low_inclusive: bool) -> timedelta | None:
@@ -118,7 +166,8 @@ def _submit(params: KolorsParams) -> Job:
     return job
 
 
-def _external_url(endpoint: str, **values: Any) -> str:
+def external_url(endpoint: str, **values: Any) -> str:
+    """An absolute URL of `endpoint`: under the configured public base, or the request's host."""
     base = farm().settings.public_base_url
     if base:
         return base.rstrip("/") + url_for(endpoint, **values)
@@ -126,10 +175,10 @@ def _external_url(endpoint: str, **values: Any) -> str:
 
 
 def _job_urls(job_id: str) -> dict[str, str]:
-    status_url = _external_url("kolors.job_status", job_id=job_id)
+    status_url = external_url("kolors.job_status", job_id=job_id)
     return {
         "status_url": status_url,
-        "response_url": _external_url("kolors.job_result", job_id=job_id),
+        "response_url": external_url("kolors.job_result", job_id=job_id),
         "poll_url": status_url,
     }
 
@@ -141,22 +190,43 @@ def _load_job(job_id: str) -> Job:
         return job
 
 
-def _failure_fields(job: Job) -> dict[str, Any]:
+def failure_fields(job: Job) -> tuple[str | None, bool]:
+    """A job's `error` and `cancelled` fields: why it FAILED, and whether by a cancel."""
     if job.state == JobState.CANCELLED.value:
-        return {"error": job.error or "Cancelled", "cancelled": True}
+        return job.error or "Cancelled", True
     if job.state == JobState.FAILED.value:
-        return {"error": job.error or "Render failed"}
-    return {}
+        return job.error or "Render failed", False
+    return None, False
 
 
-def _json(body: dict[str, Any], job: Job) -> Response:
-    response = jsonify(body)
-    if public_status(job) == "FAILED":
-        response.status_code = FAILED_HTTP_STATUS
-    return response
+def _answer(body: JobStatus | JobResult, job: Job) -> Response:
+    failed = public_status(job) == "FAILED"
+    return respond(body, FAILED_HTTP_STATUS if failed else 200)
 
 
 @bp.post("/v1/kolors")
+@operation(
+    summary="Render and wait",
+    description="Answers the first image's bytes (Content-Type per output_format); "
+    "`Accept: application/json` or `base64=true` answers JSON with every image in base64. "
+    "A render that outlasts the synchronous wait goes on: the 504 names its status URL.",
+    response=SyncResult,
+    response_media_types={
+        **dict.fromkeys(IMAGE_MEDIA_TYPES),
+        "application/json": SyncResult,
+    },
+    response_description="The first image's bytes, or JSON with every image",
+    response_headers={
+        "x-request-id": ResponseHeader("The request's id (image answers)."),
+        "x-seed": SEED_HEADER,
+    },
+    errors=(*SUBMISSION_ERRORS, 422, 504),
+    body=KolorsParams,
+    body_media_types=BODY_MEDIA_TYPES,
+    headers=(DEADLINE, RETENTION),
+    tags=("render",),
+    operation_id="renderSync",
+)
 @authenticated
 def kolors_sync() -> Response:
     """Render and wait; answer the first image's bytes, or JSON with every image."""
@@ -179,22 +249,27 @@ def kolors_sync() -> Response:
         )
     job = _load_job(job.id)
     if public_status(job) == "FAILED" or not job.images:
-        fields = _failure_fields(job) or {"error": "Render failed"}
+        error, cancelled = failure_fields(job)
+        extra = {"cancelled": True} if cancelled else {}
         return problem(
-            FAILED_HTTP_STATUS, "Render failed", fields.pop("error"), request_id=job.id, **fields
+            FAILED_HTTP_STATUS,
+            "Render failed",
+            error or "Render failed",
+            request_id=job.id,
+            **extra,
         )
     images = [context.storage.get(image.storage_key) for image in job.images]
     if want_json:
         encoded = [base64.b64encode(data).decode("ascii") for data in images]
-        return jsonify(
-            {
-                "request_id": job.id,
-                "status": "COMPLETED",
-                "image": encoded[0],
-                "images": encoded,
-                "seeds": [image.seed for image in job.images],
-                "content_type": job.images[0].content_type,
-            }
+        return respond(
+            SyncResult(
+                request_id=job.id,
+                status="COMPLETED",
+                image=encoded[0],
+                images=encoded,
+                seeds=[image.seed for image in job.images],
+                content_type=job.images[0].content_type,
+            )
         )
     response = Response(images[0], mimetype=job.images[0].content_type)
     response.headers["x-request-id"] = job.id
@@ -202,15 +277,48 @@ def kolors_sync() -> Response:
     return response
 
 
+def _job_link(operation_id: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "operationId": operation_id,
+        "parameters": {"job_id": "$response.body#/request_id", **extra},
+    }
+
+
 @bp.post("/v2/kolors")
+@operation(
+    summary="Queue a render",
+    description="Answers at once with the request's id and the absolute URLs to poll.",
+    response=Submitted,
+    status=202,
+    errors=SUBMISSION_ERRORS,
+    body=KolorsParams,
+    body_media_types=BODY_MEDIA_TYPES,
+    headers=(DEADLINE, RETENTION),
+    tags=("render",),
+    operation_id="submitRender",
+    links={
+        "GetStatus": _job_link("getRequestStatus"),
+        "GetResult": _job_link("getRequestResult"),
+        "GetFirstImage": _job_link("getRequestImage", index=0),
+        "Cancel": _job_link("cancelRequest"),
+    },
+)
 @authenticated
-def kolors_async() -> tuple[Response, int]:
+def kolors_async() -> Response:
     """Queue a render; answer its id and the URLs to poll."""
     job = _submit(parse_params(_request_fields()))
-    return jsonify({"request_id": job.id, "status": "QUEUED", **_job_urls(job.id)}), 202
+    return respond(Submitted(request_id=job.id, status="QUEUED", **_job_urls(job.id)), 202)
 
 
 @bp.get("/v2/requests/<job_id>/status")
+@operation(
+    summary="A request's status, progress, queue position and ETA",
+    response=JobStatus,
+    errors=(401, 404, 503),
+    alternatives={FAILED_HTTP_STATUS: Alternative(FAILED_STATUS, JobStatus)},
+    tags=("requests",),
+    operation_id="getRequestStatus",
+)
 @authenticated
 def job_status(job_id: str) -> Response:
     """The job's state, progress, queue position and ETA; FAILED is served with 422."""
@@ -218,44 +326,37 @@ def job_status(job_id: str) -> Response:
     with read_only(context.sessions) as session:
         job = get_job(session, current_principal(), job_id)
         place = queue_place(session, job) if job.state == JobState.QUEUED.value else None
-    body: dict[str, Any] = {
-        "request_id": job.id,
-        "status": public_status(job),
-        **_failure_fields(job),
-        **_timestamps(job),
-    }
     progress = read_progress(context.redis, job.id) if job.state == JobState.RUNNING.value else None
     step = progress.step if progress else 0
     steps = progress.steps if progress else job.params["steps"]
-    body["progress"] = {
-        "images_done": job.images_done,
-        "images": job.number_of_images,
-        "step": step,
-        "steps": steps,
-    }
+    position: int | None = None
+    eta: float | None = None
     if job.state in (JobState.QUEUED.value, JobState.RUNNING.value):
         workers, speed_of = fleet(context.redis)
         speeds = list(speed_of.values())
         own_work = job_work(job)
         if place is not None:
-            body["queue_position"] = place.position
+            position = place.position
             eta = estimate_wait_seconds(place.work_ahead, own_work, speeds, len(workers))
         else:
             done = (job.images_done + step / max(1, steps)) / job.number_of_images
             eta = estimate_wait_seconds(0.0, own_work * (1 - min(1.0, done)), speeds, 1)
-        body["eta_seconds"] = round(eta, 1) if eta is not None else None
-    return _json(body, job)
-
-
-def _timestamps(job: Job) -> dict[str, str | None]:
-    return {
-        name: value.isoformat() if value else None
-        for name, value in (
-            ("created_at", job.created_at),
-            ("started_at", job.started_at),
-            ("finished_at", job.finished_at),
-        )
-    }
+    error, cancelled = failure_fields(job)
+    body = JobStatus(
+        request_id=job.id,
+        status=public_status(job),
+        error=error,
+        cancelled=cancelled,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        progress=Progress(
+            images_done=job.images_done, images=job.number_of_images, step=step, steps=steps
+        ),
+        queue_position=position,
+        eta_seconds=round(eta, 1) if eta is not None else None,
+    )
+    return _answer(body, job)
 
 
 def _image_link(job: Job, image: JobImage, expires_at: datetime) -> str:
@@ -267,48 +368,70 @@ def _image_link(job: Job, image: JobImage, expires_at: datetime) -> str:
         return presigned
     link = ImageLink(job.tenant_id, job.id, image.index, int(expires_at.timestamp()))
     token = sign_image_link(signing_key(context.settings), link)
-    return _external_url("kolors.result_image", token=token)
+    return external_url("kolors.result_image", token=token)
+
+
+def links_expire_at(job: Job, settings: Settings) -> datetime:
+    """When links made now to a job's images expire: the link lifetime, within retention."""
+    expires_at = utcnow() + timedelta(seconds=settings.url_ttl_s)
+    if job.expires_at is not None:
+        expires_at = min(expires_at, job.expires_at)
+    return expires_at
+
+
+def image_links(job: Job, expires_at: datetime) -> list[str]:
+    """Fresh links to each delivered image of a job (its images loaded)."""
+    return [_image_link(job, image, expires_at) for image in job.images]
 
 
 @bp.get("/v2/requests/<job_id>")
+@operation(
+    summary="A request's result",
+    description="Fresh expiring image links, seeds, generation records and timings.",
+    response=JobResult,
+    errors=(401, 404, 410, 503),
+    alternatives={FAILED_HTTP_STATUS: Alternative(FAILED_STATUS, JobResult)},
+    tags=("requests",),
+    operation_id="getRequestResult",
+)
 @authenticated
 def job_result(job_id: str) -> Response:
     """The result: fresh expiring image links, seeds, generation records, timing metrics."""
     job = _load_job(job_id)
     ensure_results_retained(job)
-    metrics: dict[str, float] = {}
+    metrics = Metrics()
     if job.started_at:
-        metrics["queue_seconds"] = round((job.started_at - job.created_at).total_seconds(), 3)
+        metrics.queue_seconds = round((job.started_at - job.created_at).total_seconds(), 3)
     if job.finished_at and job.started_at:
-        metrics["render_seconds"] = round((job.finished_at - job.started_at).total_seconds(), 3)
+        metrics.render_seconds = round((job.finished_at - job.started_at).total_seconds(), 3)
     if job.finished_at:
-        metrics["total_seconds"] = round((job.finished_at - job.created_at).total_seconds(), 3)
-    expires_at = utcnow() + timedelta(seconds=farm().settings.url_ttl_s)
-    if job.expires_at is not None:
-        expires_at = min(expires_at, job.expires_at)
-    links = [_image_link(job, image, expires_at) for image in job.images]
-    body: dict[str, Any] = {
-        "request_id": job.id,
-        "status": public_status(job),
-        "output": links,
-        "output_expires_at": expires_at.isoformat(),
-        "outputs": [
-            {
-                "url": link,
-                "expires_at": expires_at.isoformat(),
-                "index": image.index,
-                "seed": image.seed,
-                "generation": image.generation,
-            }
+        metrics.total_seconds = round((job.finished_at - job.created_at).total_seconds(), 3)
+    expires_at = links_expire_at(job, farm().settings)
+    links = image_links(job, expires_at)
+    error, cancelled = failure_fields(job)
+    body = JobResult(
+        request_id=job.id,
+        status=public_status(job),
+        output=links,
+        output_expires_at=expires_at,
+        outputs=[
+            Output(
+                url=link,
+                expires_at=expires_at,
+                index=image.index,
+                seed=image.seed,
+                generation=image.generation,
+            )
             for link, image in zip(links, job.images, strict=True)
         ],
-        "seeds": [image.seed for image in job.images],
-        "metrics": metrics,
-        "parameters": job.params | {"seed": job.seed},
-        "results_expire_at": job.expires_at.isoformat() if job.expires_at else None,
-        **_failure_fields(job),
-    }
-    return _json(body, job)
+        seeds=[image.seed for image in job.images],
+        metrics=metrics,
+        parameters=job.params | {"seed": job.seed},
+        results_expire_at=job.expires_at,
+        error=error,
+        cancelled=cancelled,
+    )
+    return _answer(body, job)
 
 
 def _image_response(job: Job, index: int) -> Response:
@@ -322,6 +445,15 @@ def _image_response(job: Job, index: int) -> Response:
 
 
 @bp.get("/v2/requests/<job_id>/images/<int:index>")
+@operation(
+    summary="One image of a request",
+    response_media_types=dict.fromkeys(IMAGE_MEDIA_TYPES),
+    response_description="The image's bytes",
+    response_headers={"x-seed": SEED_HEADER},
+    errors=(401, 404, 410, 503),
+    tags=("requests",),
+    operation_id="getRequestImage",
+)
 @authenticated
 def job_image(job_id: str, index: int) -> Response:
     """One delivered image's bytes, for a caller with an API key."""
@@ -331,6 +463,18 @@ def job_image(job_id: str, index: int) -> Response:
 
 
 @bp.get("/v2/results/<token>")
+@operation(
+    summary="One image through a signed, expiring link",
+    description="No API key: the link is the credential. A tampered, re-targeted or expired "
+    "link is a 403.",
+    response_media_types=dict.fromkeys(IMAGE_MEDIA_TYPES),
+    response_description="The image's bytes",
+    response_headers={"x-seed": SEED_HEADER},
+    errors=(403, 404, 410, 503),
+    authenticated=False,
+    tags=("requests",),
+    operation_id="getResultImage",
+)
 def result_image(token: str) -> Response:
     """One image through a signed, expiring link (no API key: the link is the credential)."""
     link = verify_image_link(signing_key(farm().settings), token)
@@ -345,6 +489,15 @@ def result_image(token: str) -> Response:
 
 @bp.delete("/v2/requests/<job_id>")
 @bp.post("/v2/requests/<job_id>/cancel")
+@operation(
+    summary="Cancel a request",
+    description="A queued request ends now, a running one at its next step (images already "
+    "delivered are kept and paid); repeats are harmless.",
+    response=Cancelled,
+    errors=(401, 404, 503),
+    tags=("requests",),
+    operation_id="cancelRequest",
+)
 @authenticated
 def job_cancel(job_id: str) -> Response:
     """Cancel: a queued job ends now, a running one at its next step; repeats are harmless."""
@@ -354,56 +507,79 @@ def job_cancel(job_id: str) -> Response:
         job = cancel_job(session, current_principal(), job_id)
     if job.state == JobState.RUNNING.value:
         request_cancel(context.redis, job.id)
-    body: dict[str, Any] = {
-        "request_id": job.id,
-        "status": public_status(job),
-        **_failure_fields(job),
-    }
+    error, cancelled = failure_fields(job)
+    detail = None
     if JobState(before) in TERMINAL_STATES:
-        body["detail"] = f"The request had already ended ({public_status(job)}); nothing changed"
+        detail = f"The request had already ended ({public_status(job)}); nothing changed"
     elif job.state == JobState.RUNNING.value:
-        body["detail"] = "Cancelling: the render stops at its next step"
-        body["cancelled"] = True
-    return jsonify(body)
+        detail = "Cancelling: the render stops at its next step"
+        cancelled = True
+    return respond(
+        Cancelled(
+            request_id=job.id,
+            status=public_status(job),
+            error=error,
+            cancelled=cancelled,
+            detail=detail,
+        )
+    )
 
 
 @bp.get("/v1/get-user-credits")
+@operation(
+    summary="The caller's credits",
+    response=UserCredits,
+    errors=(401, 503),
+    tags=("account",),
+    operation_id="getUserCredits",
+)
 @authenticated
 def user_credits() -> Response:
     """The caller's spendable credits."""
     with read_only(farm().sessions) as session:
         g.balance = get_balance(session, current_principal().user_id)
-    return jsonify({"credits": format_credits(g.balance)})
+    return respond(UserCredits(credits=format_credits(g.balance)))
 
 
 @bp.get("/healthz")
+@operation(summary="Liveness", response=Health, tags=("operations",), operation_id="getHealth")
 def healthz() -> Response:
     """Liveness: the process answers."""
-    return jsonify({"status": "ok"})
+    return respond(Health(status="ok"))
 
 
 @bp.get("/readyz")
-def readyz() -> tuple[Response, int]:
+@operation(
+    summary="Readiness",
+    description="The database and Redis answer; lists live workers and the active dispatcher.",
+    response=Readiness,
+    alternatives={503: Alternative("Not ready: a backing service is down", Readiness)},
+    tags=("operations",),
+    operation_id="getReadiness",
+)
+def readyz() -> Response:
     """Readiness: the database and Redis answer; lists live workers."""
     context = farm()
-    checks: dict[str, str] = {}
+    database = redis_check = "ok"
     try:
         with context.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
-        checks["database"] = "ok"
     except Exception as exc:
-        checks["database"] = f"unavailable ({type(exc).__name__})"
+        database = f"unavailable ({type(exc).__name__})"
     workers: dict[str, Any] = {}
+    dispatcher = None
     try:
         context.redis.ping()
-        checks["redis"] = "ok"
         workers = live_workers(context.redis)
-    except Exception as exc:
-        checks["redis"] = f"unavailable ({type(exc).__name__})"
-    ready = all(value == "ok" for value in checks.values())
-    dispatcher = None
-    if checks["redis"] == "ok":
         leader = context.redis.get(DISPATCH_LOCK_KEY)
         dispatcher = leader.decode() if isinstance(leader, bytes) else None
-    body = {"ready": ready, "checks": checks, "workers": workers, "dispatcher": dispatcher}
-    return jsonify(body), 200 if ready else 503
+    except Exception as exc:
+        redis_check = f"unavailable ({type(exc).__name__})"
+    ready = database == redis_check == "ok"
+    body = Readiness(
+        ready=ready,
+        checks=Checks(database=database, redis=redis_check),
+        workers=workers,
+        dispatcher=dispatcher,
+    )
+    return respond(body, 200 if ready else 503)

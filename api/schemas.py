@@ -1,0 +1,218 @@
+"""The typed bodies of the API's responses and query strings (the OpenAPI document's schemas)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PublicStatus = Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]
+Credits = str  # a decimal string, e.g. "9.5" (shared.pricing.format_credits)
+
+CREDITS_PATTERN = r"^[0-9]+(\.[0-9]{1,3})?$"
+
+
+class Submitted(BaseModel):
+    """A queued render: its id and where to poll (absolute URLs)."""
+
+    request_id: str
+    status: Literal["QUEUED"]
+    status_url: str = Field(description="Poll this for the status.")
+    response_url: str = Field(description="The result, once COMPLETED.")
+    poll_url: str = Field(description="The same as status_url (Segmind's name).")
+
+
+class SyncResult(BaseModel):
+    """A synchronous render answered as JSON: every image in base64 with its seed."""
+
+    request_id: str
+    status: Literal["COMPLETED"]
+    image: str = Field(description="The first image, base64.")
+    images: list[str] = Field(description="Every image, base64, in order.")
+    seeds: list[int] = Field(description="The seed of each image.")
+    content_type: str = Field(description="The images' media type.")
+
+
+class Progress(BaseModel):
+    """How far a render is."""
+
+    images_done: int = Field(ge=0)
+    images: int = Field(ge=1)
+    step: int = Field(ge=0, description="Step of the image being rendered.")
+    steps: int = Field(ge=1)
+
+
+class JobStatus(BaseModel):
+    """A request's state, progress, queue position and ETA (FAILED is served with 422)."""
+
+    request_id: str
+    status: PublicStatus
+    error: str | None = Field(default=None, description="Why it FAILED (null otherwise).")
+    cancelled: bool = Field(default=False, description="FAILED because it was cancelled.")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: Progress
+    queue_position: int | None = Field(
+        default=None, ge=0, description="QUEUED only: jobs the farm starts before this one."
+    )
+    eta_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        description="QUEUED or PROCESSING: estimated seconds until done, from measured speed "
+        "(null when no worker has measured its speed yet).",
+    )
+
+
+class Output(BaseModel):
+    """One delivered image: its expiring link, seed and generation record."""
+
+    url: str
+    expires_at: datetime
+    index: int = Field(ge=0)
+    seed: int = Field(ge=0)
+    generation: dict[str, Any] | None = Field(description="The record embedded in the image.")
+
+
+class Metrics(BaseModel):
+    """Timing of a request, in seconds (each present once known)."""
+
+    queue_seconds: float | None = None
+    render_seconds: float | None = None
+    total_seconds: float | None = None
+
+
+class JobResult(BaseModel):
+    """A request's result: fresh expiring image links, seeds, generation records, timings."""
+
+    request_id: str
+    status: PublicStatus
+    output: list[str] = Field(description="Image links (Segmind's field), valid until expiry.")
+    output_expires_at: datetime
+    outputs: list[Output]
+    seeds: list[int]
+    metrics: Metrics
+    parameters: dict[str, Any] = Field(description="The parameters, with the seed used.")
+    results_expire_at: datetime | None = Field(description="When the results are deleted.")
+    error: str | None = None
+    cancelled: bool = False
+
+
+class Cancelled(BaseModel):
+    """A request after a cancel (repeats are harmless)."""
+
+    request_id: str
+    status: PublicStatus
+    error: str | None = None
+    cancelled: bool = Field(description="The request is cancelled or stops at its next step.")
+    detail: str | None = None
+
+
+class UserCredits(BaseModel):
+    """The caller's spendable credits."""
+
+    credits: Credits = Field(pattern=CREDITS_PATTERN)
+
+
+class Health(BaseModel):
+    """The process answers."""
+
+    status: Literal["ok"]
+
+
+class Checks(BaseModel):
+    """Each backing service: "ok" or why not."""
+
+    database: str
+    redis: str
+
+
+class Readiness(BaseModel):
+    """Whether the API can serve: the database and Redis answer; live workers listed."""
+
+    ready: bool
+    checks: Checks
+    workers: dict[str, Any] = Field(description="Live workers by name, with their heartbeat.")
+    dispatcher: str | None = Field(description="The active dispatcher, if any.")
+
+
+class Me(BaseModel):
+    """The caller."""
+
+    user: str
+    tenant: str
+    is_admin: bool
+    credits: Credits = Field(pattern=CREDITS_PATTERN)
+
+
+class RequestSummary(BaseModel):
+    """One request of the tenant's history."""
+
+    request_id: str
+    status: PublicStatus
+    user: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    prompt: str
+    parameters: dict[str, Any] = Field(description="Every parameter, with the seed used.")
+    number_of_images: int = Field(ge=1, le=10)
+    images_done: int = Field(ge=0, le=10)
+    error: str | None
+    cancelled: bool
+    output: list[str] = Field(
+        description="Image links, as GET /v2/requests/{id} gives; empty once results expire."
+    )
+
+
+class RequestPage(BaseModel):
+    """A page of the tenant's requests, newest first."""
+
+    requests: list[RequestSummary]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null: done.")
+
+
+class RequestsQuery(BaseModel):
+    """Query parameters of GET /v2/requests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: PublicStatus | None = Field(
+        default=None, description="Only requests in this state (FAILED includes cancelled)."
+    )
+    limit: int = Field(default=20, ge=1, le=100, description="Requests per page.")
+    cursor: str | None = Field(default=None, description="`next_cursor` of the previous page.")
+
+
+class UsageRow(BaseModel):
+    """One user's credit movements on one UTC day."""
+
+    day: date
+    user: str
+    granted: Credits = Field(pattern=CREDITS_PATTERN)
+    held: Credits = Field(pattern=CREDITS_PATTERN)
+    captured: Credits = Field(pattern=CREDITS_PATTERN)
+    released: Credits = Field(pattern=CREDITS_PATTERN)
+
+
+class UsagePage(BaseModel):
+    """A page of the tenant's daily usage, by day then user."""
+
+    usage: list[UsageRow]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null: done.")
+
+
+class UsageQuery(BaseModel):
+    """Query parameters of GET /v1/usage (both dates inclusive, UTC)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: date | None = Field(
+        default=None,
+        alias="from",
+        description="First day, YYYY-MM-DD (default: 30 days before `to`).",
+    )
+    to: date | None = Field(default=None, description="Last day, YYYY-MM-DD (default: today).")
+    limit: int = Field(default=100, ge=1, le=1000, description="Rows per page.")
+    cursor: str | None = Field(default=None, description="`next_cursor` of the previous page.")
