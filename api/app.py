@@ -10,6 +10,7 @@ from api.admin import bp as admin_bp
 from api.auth import add_remaining_credits
 from api.context import EXTENSION_KEY
 from api.errors import register_error_handlers
+from api.history import bp as history_bp
 from api.openapi import bp as openapi_bp
 from api.views import bp
 from shared.resources import open_resources
@@ -26,6 +27,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions[EXTENSION_KEY] = resources
     app.register_blueprint(bp)
     app.register_blueprint(openapi_bp)
+    app.register_blueprint(history_bp)
     app.register_blueprint(admin_bp)
     app.after_request(add_remaining_credits)
     register_error_handlers(app)
