@@ -8,6 +8,7 @@ from flask import Flask
 
 from api.admin import bp as admin_bp
 from api.auth import add_remaining_credits
+from api.console import bp as console_bp
 from api.context import EXTENSION_KEY
 from api.errors import register_error_handlers
 from api.history import bp as history_bp
@@ -29,6 +30,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(openapi_bp)
     app.register_blueprint(history_bp)
     app.register_blueprint(admin_bp)
+    app.register_blueprint(console_bp)
     app.after_request(add_remaining_credits)
     register_error_handlers(app)
     logging.getLogger(__name__).info(
