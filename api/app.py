@@ -12,6 +12,7 @@ from api.console import bp as console_bp
 from api.context import EXTENSION_KEY
 from api.errors import register_error_handlers
 from api.history import bp as history_bp
+from api.metrics import bp as metrics_bp
 from api.openapi import bp as openapi_bp
 from api.views import bp
 from shared.resources import open_resources
@@ -29,6 +30,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(bp)
     app.register_blueprint(openapi_bp)
     app.register_blueprint(history_bp)
+    app.register_blueprint(metrics_bp)
     app.register_blueprint(admin_bp)
     app.register_blueprint(console_bp)
     app.after_request(add_remaining_credits)

@@ -7,6 +7,7 @@ from typing import Any
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
+from api.metrics import mark_process_dead, prepare_multiprocess_dir
 from shared.settings import Settings
 
 
@@ -27,8 +28,15 @@ class _GunicornApp(BaseApplication):  # type: ignore[misc]
         return create_app(self._settings)
 
 
+def _child_exit(_server: Any, worker: Any) -> None:
+    mark_process_dead(worker.pid)
+
+
 def serve(settings: Settings, host: str, port: int, processes: int, threads: int) -> None:
     """Run the API until SIGTERM/SIGINT."""
+    # Before gunicorn forks: its processes share their HTTP metrics through these files.
+    # One directory per port, so two API servers on one data dir do not mix theirs.
+    prepare_multiprocess_dir(settings.data_dir / "metrics" / f"api-{port}")
     _GunicornApp(
         settings,
         {
@@ -42,5 +50,6 @@ def serve(settings: Settings, host: str, port: int, processes: int, threads: int
             "accesslog": "-",
             "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms',
             "loglevel": "info",
+            "child_exit": _child_exit,
         },
     ).run()

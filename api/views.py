@@ -48,6 +48,7 @@ from shared.events import (
 )
 from shared.ledger import get_balance
 from shared.links import ImageLink, sign_image_link, signing_key, verify_image_link
+from shared.metrics import RequestFinished, RequestSubmitted, record
 from shared.models import TERMINAL_STATES, Job, JobImage, JobState, utcnow
 from shared.params import CONTENT_TYPES, KolorsParams, parse_params
 from shared.pricing import format_credits
@@ -162,6 +163,7 @@ def _submit(params: KolorsParams) -> Job:
     except redis.RedisError as exc:
         # The job is safe in SQL; the dispatcher finds it on its next tick once Redis is back.
         log.warning("job %s: dispatcher not woken (%s)", job.id, type(exc).__name__)
+    record(context.redis, RequestSubmitted(job.tenant_id))
     log.info("job %s queued for user %s", job.id, current_principal().user_id)
     return job
 
@@ -507,6 +509,9 @@ def job_cancel(job_id: str) -> Response:
         job = cancel_job(session, current_principal(), job_id)
     if job.state == JobState.RUNNING.value:
         request_cancel(context.redis, job.id)
+    elif before == JobState.QUEUED.value and job.state == JobState.CANCELLED.value:
+        # It ended here, not on a worker: count its end here.
+        record(context.redis, RequestFinished(job.tenant_id, job.state))
     error, cancelled = failure_fields(job)
     detail = None
     if JobState(before) in TERMINAL_STATES:

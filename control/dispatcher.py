@@ -36,6 +36,7 @@ from shared.events import (
     settling_jobs,
     wait_for_wake,
 )
+from shared.metrics import Dispatched, MetricEvent, RequestFinished, record, tenants_of_jobs
 from shared.models import JobState, utcnow
 from shared.queries import current_load, expired_results, next_in_fair_order, stale_releases
 from shared.queue import RENDER_QUEUE, make_celery, publish_render
@@ -63,6 +64,7 @@ class PassReport:
     failed: list[str] = field(default_factory=list)  # ended FAILED or CANCELLED
     expired: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    ended: list[tuple[str, str]] = field(default_factory=list)  # (job, state) for the metrics
 
 
 class Dispatcher:
@@ -82,6 +84,7 @@ class Dispatcher:
         if recover:
             self._recover(report)
         self._release(report)
+        self._count(report)
         if time.monotonic() >= self._next_cleanup:
             self._next_cleanup = time.monotonic() + self.settings.cleanup_interval_s
             try:
@@ -117,6 +120,7 @@ class Dispatcher:
                 report.requeued.append(outcome.job_id)
             else:
                 report.failed.append(outcome.job_id)
+                report.ended.append((outcome.job_id, outcome.state.value))
                 announce_job_finished(self.redis, outcome.job_id, outcome.state.value)
             log.warning(
                 "job %s: lease of attempt %d expired; now %s",
@@ -124,9 +128,32 @@ class Dispatcher:
                 outcome.attempt,
                 outcome.state.value,
             )
+        report.ended += [(job_id, JobState.CANCELLED.value) for job_id in deadlines.cancelled]
         for job_id in deadlines.cancelled:
             announce_job_finished(self.redis, job_id, JobState.CANCELLED.value)
         self._republish_lost(report)
+
+    def _count(self, report: PassReport) -> None:
+        """Count what this pass did in the farm's metrics (after its commits)."""
+        events: list[MetricEvent] = []
+        if report.released or report.requeued or report.republished:
+            events.append(
+                Dispatched(len(report.released), len(report.requeued), len(report.republished))
+            )
+        if report.ended:
+            try:
+                with read_only(self.sessions) as session:
+                    tenants = tenants_of_jobs(session, [job for job, _state in report.ended])
+            except (OperationalError, InterfaceError) as exc:
+                # The jobs ended all the same; only their count is lost.
+                log.warning("ended jobs not counted (%s)", type(exc).__name__)
+                tenants = {}
+            events += [
+                RequestFinished(tenants[job], state)
+                for job, state in report.ended
+                if job in tenants
+            ]
+        record(self.redis, *events)
 
     def _republish_lost(self, report: PassReport) -> None:
         """Publish again the released jobs whose messages the broker no longer holds."""

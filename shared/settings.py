@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     # Credits: the price of one 1024x1024 image at 25 steps, in credits.
     price_per_image: Decimal = Field(default=Decimal("1"), ge=0)
 
+    # Monitoring: GET /metrics asks for this bearer token when set (else it is open).
+    metrics_token: SecretStr | None = None
+
     @field_validator("data_dir")
     @classmethod
     def _absolute_data_dir(cls, value: Path) -> Path:

@@ -41,6 +41,16 @@ from shared.events import (
     write_progress,
 )
 from shared.imaging import encode_image
+from shared.metrics import (
+    ClaimFacts,
+    ImageRecorded,
+    MetricEvent,
+    QueueWait,
+    RenderTime,
+    RequestFinished,
+    claim_facts,
+    record,
+)
 from shared.models import JobState, utcnow
 from shared.queries import work_units
 from shared.settings import Settings
@@ -163,9 +173,13 @@ class WorkerContext:
 class JobRun:
     """One claimed attempt of a job, shared by the render and post-processing threads."""
 
-    def __init__(self, context: WorkerContext, spec: RenderSpec) -> None:
+    def __init__(
+        self, context: WorkerContext, spec: RenderSpec, facts: ClaimFacts | None = None
+    ) -> None:
         self.spec = spec
         self._context = context
+        self.facts = facts  # for the metrics: unit price, submission and start times
+        self.render_s = 0.0  # time in pipeline calls (render thread; read once it settled)
         self.lease = _LeaseKeeper(context, spec)
         self.reporter = _ProgressReporter(context, spec, self)
         # Set by the post-processing thread when the attempt ended early (a failed store,
@@ -216,6 +230,8 @@ class JobRun:
         self.stop_render.set()
         self.lease.stop()
         if state is not None:
+            # Counted before the announcement, so whoever it wakes sees the count.
+            _count_settled(self._context, self, state)
             # Only a settled job is announced: a waiter woken early would report a false failure.
             _announce_settled(self._context, self.spec.job_id, state)
             log.info("job %s attempt %d: %s", self.spec.job_id, self.spec.attempt, state)
@@ -460,18 +476,21 @@ def start_render_job(context: WorkerContext, job_id: str) -> JobRun | None:
     the job is not claimable (a message for a job that is not released is a no-op).
     """
     lease = timedelta(seconds=context.settings.lease_s)
-    spec = _with_db_retry(context, lambda session: claim_job(session, job_id, context.name, lease))
-    if spec is None:
+    claimed = _with_db_retry(context, lambda session: _claim(session, job_id, context.name, lease))
+    if claimed is None:
         log.info("job %s is not claimable (already taken, finished or cancelled); skipping", job_id)
         return None
+    spec, facts = claimed
     log.info(
         "job %s attempt %d: rendering %d image(s)",
         job_id,
         spec.attempt,
         len(spec.pending_indices()),
     )
-    run = JobRun(context, spec)
+    run = JobRun(context, spec, facts)
     run.lease.start()
+    if spec.attempt == 1 and facts is not None:  # a job's first start: its wait in the queue
+        record(context.redis, QueueWait(spec.tenant_id, facts.queue_wait_s))
     end: _JobEnd | None
     context.current_job = job_id
     try:
@@ -524,10 +543,11 @@ def _render_pending_images(context: WorkerContext, run: JobRun) -> _JobEnd | Non
             images = context.renderer.render(
                 params, [spec.image_seed(i) for i in indices], reporter.step, reporter.should_stop
             )
+        render_s = time.monotonic() - started
+        run.render_s += render_s  # a call stopped midway used the device too
         if images is None:
             log.info("job %s: stopped mid-render", spec.job_id)
             return _stopped(run)
-        render_s = time.monotonic() - started
         last_call = number == len(calls) - 1
         for position, (index, image) in enumerate(zip(indices, images, strict=True)):
             finish = last_call and position == len(indices) - 1
@@ -631,6 +651,8 @@ def _store_and_record(context: WorkerContext, item: _RenderedImage) -> None:
             stopped_because=item.stopped_because,
         ),
     )
+    if run.facts is not None:
+        record(context.redis, ImageRecorded(spec.tenant_id, run.facts.price_per_image))
     if state is not None:
         run.settle(state.value)
     else:
@@ -650,6 +672,22 @@ def _fail(context: WorkerContext, run: JobRun, error: str) -> None:
         run.settle(None)
         return
     run.settle(JobState.FAILED.value if failed else None)
+
+
+def _claim(
+    session: Session, job_id: str, worker: str, lease: timedelta
+) -> tuple[RenderSpec, ClaimFacts | None] | None:
+    """Claim a job, and read in the same transaction what its metrics need."""
+    spec = claim_job(session, job_id, worker, lease)
+    return None if spec is None else (spec, claim_facts(session, job_id))
+
+
+def _count_settled(context: WorkerContext, run: JobRun, state: str) -> None:
+    """Count a job's end and its attempt's render time (one Redis round trip)."""
+    events: list[MetricEvent] = [RequestFinished(run.spec.tenant_id, state)]
+    if run.render_s > 0:
+        events.append(RenderTime(run.spec.tenant_id, run.render_s))
+    record(context.redis, *events)
 
 
 def _announce_settled(context: WorkerContext, job_id: str, state: str) -> None:
