@@ -7,7 +7,6 @@ against a remote farm. The key is sent in the `x-api-key` header and never print
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -257,18 +256,24 @@ class Renderer:
         """Render `params` and write the images to `out_dir`; the outcome."""
         submitted = self.client.submit(params)
         request_id = str(submitted["request_id"])
-        # On stderr even with --json: a script interrupted later still knows what it started.
-        self.console.print(f"request {request_id} queued", markup=False, highlight=False)
         final = self._follow(request_id)
         return self._collect(request_id, final, out_dir)
 
     def _follow(self, request_id: str) -> dict[str, Any]:
         """Poll the status until the request ends; Ctrl-C offers to cancel it."""
-        cancelling = False
+        cancelling = announced = False
         with _progress(self.console, self.show_progress) as progress:
             task = progress.add_task(f"request {request_id}", total=None)
             while True:
                 try:
+                    if not announced:
+                        # Inside the try, so a Ctrl-C right after this line still offers
+                        # the cancel. On stderr even with --json: a script interrupted
+                        # later still knows what it started.
+                        self.console.print(
+                            f"request {request_id} queued", markup=False, highlight=False
+                        )
+                        announced = True
                     return self._poll(request_id, progress, task, cancelling)
                 except KeyboardInterrupt:
                     if cancelling:
@@ -292,6 +297,7 @@ class Renderer:
         while True:
             body = self.client.status(request_id)
             if body.get("status") in TERMINAL:
+                progress.update(task, description=_state(body), total=1, completed=1)
                 return body
             text, total, completed = _describe(body)
             if cancelling:
@@ -410,7 +416,12 @@ def list_command(
         if as_json:
             print(json.dumps(page))
             return EXIT_OK
-        table = Table("id", "status", "created", "prompt", "images")
+        table = Table()
+        table.add_column("id", no_wrap=True, min_width=32)  # never cut: people paste it
+        table.add_column("status", no_wrap=True)
+        table.add_column("created", no_wrap=True)
+        table.add_column("prompt", overflow="ellipsis", no_wrap=True)
+        table.add_column("images", no_wrap=True, justify="right")
         for item in page.get("requests") or []:
             table.add_row(
                 str(item.get("request_id")),
@@ -419,19 +430,15 @@ def list_command(
                 _short(item.get("prompt"), 40),
                 f"{item.get('images_done', 0)}/{item.get('number_of_images', '?')}",
             )
-        Console(width=max(100, _terminal_width())).print(table)
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=200)  # piped into a file or a program: no cut columns
+        console.print(table)
         if page.get("next_cursor"):
             print(f"more: --cursor {page['next_cursor']}")
         return EXIT_OK
 
     return _call(as_json, work)
-
-
-def _terminal_width() -> int:
-    try:
-        return os.get_terminal_size().columns
-    except OSError:
-        return 0
 
 
 def show_command(url: str, api_key: str, request_id: str, as_json: bool) -> int:

@@ -279,6 +279,43 @@ def test_requests_show_and_cancel(farm: RunningFarm, key: str, client_env: dict[
     assert unknown.returncode == EXIT_API and "HTTP 404" in unknown.stderr
 
 
+def test_requests_list_pages_newest_first_and_filters_by_status(
+    farm: RunningFarm, key: str, client_env: dict[str, str]
+) -> None:
+    # The module's earlier tests left completed and cancelled requests behind.
+    everything = json.loads(kolors_farm(client_env, "requests", "list", "--json").stdout)
+    listed = everything["requests"]
+    assert len(listed) >= 4 and everything["next_cursor"] is None
+    created = [item["created_at"] for item in listed]
+    assert created == sorted(created, reverse=True)
+    statuses = {item["status"] for item in listed}
+    assert statuses == {"COMPLETED", "FAILED"}
+
+    failed = kolors_farm(client_env, "requests", "list", "--status", "failed", "--json")
+    assert failed.returncode == EXIT_OK, failed.stderr
+    failed_ids = [item["request_id"] for item in json.loads(failed.stdout)["requests"]]
+    assert failed_ids == [item["request_id"] for item in listed if item["status"] == "FAILED"]
+
+    # One page at a time, following the cursor the table prints.
+    seen: list[str] = []
+    cursor: list[str] = []
+    while True:
+        page = kolors_farm(client_env, "requests", "list", "--limit", "2", *cursor)
+        assert page.returncode == EXIT_OK, page.stderr
+        rows = [line for line in page.stdout.splitlines() if re.match(r"^│ [0-9a-f]", line)]
+        seen += [row.split("│")[1].strip() for row in rows]
+        more = re.search(r"^more: --cursor (\S+)$", page.stdout, re.MULTILINE)
+        if not more:
+            break
+        cursor = ["--cursor", more[1]]
+    assert seen == [item["request_id"] for item in listed]
+
+    table = kolors_farm(client_env, "requests", "list")
+    assert "a slow render" in table.stdout and "FAILED (cancelled)" in table.stdout
+    too_many = kolors_farm(client_env, "requests", "list", "--limit", "500")
+    assert too_many.returncode == EXIT_API and "limit: " in too_many.stderr
+
+
 def test_the_api_log_never_holds_the_key(farm: RunningFarm, key: str) -> None:
     log = farm.processes.log("api")
     assert "/v2/kolors" in log  # the access log saw this module's requests
