@@ -79,6 +79,20 @@ class FormField:
     max_length: int | None = None
     options: tuple[str, ...] = ()
 
+    @property
+    def hint(self) -> str:
+        """The schema's description, with the range when the description does not give it."""
+        if self.minimum is None or self.maximum is None:
+            return self.description
+        low, high = _number(self.minimum), _number(self.maximum)
+        if low in self.description and high in self.description:
+            return self.description
+        return f"{self.description} ({low} to {high})"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
 
 def form_fields() -> list[FormField]:
     """The render form's controls, in the schema's order, with its defaults and ranges."""

@@ -192,10 +192,10 @@ def test_sign_in_refuses_a_bad_key_and_sign_out_forgets_the_key(
 ) -> None:
     page.goto(f"{farm.url}/")
     page.wait_for_url(f"{farm.url}/console/")
-    shot(page, "sign-in")
     page.fill("#api-key", "kf_not-a-real-key")
     page.click("#signin-submit")
     expect(page.locator("#signin-error")).to_have_text("That API key was refused")
+    shot(page, "sign-in")
     assert page.evaluate("sessionStorage.length") == 0
 
     sign_in(page, farm, accounts.painter)
