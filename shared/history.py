@@ -172,11 +172,10 @@ def request_page(
     jobs.sort(key=lambda job: (job.created_at, job.id), reverse=True)
     page, more = jobs[:limit], len(jobs) > limit
     user_ids = {job.user_id for job in page}
-    names = dict(
-        session.execute(select(User.id, User.name).where(User.id.in_(user_ids))).tuples().all()
-        if user_ids
-        else []
-    )
+    names: dict[int, str] = {}
+    if user_ids:
+        rows = session.execute(select(User.id, User.name).where(User.id.in_(user_ids)))
+        names = {user_id: name for user_id, name in rows}
     last = page[-1] if page and more else None
     next_key = HistoryKey(last.created_at, last.id) if last else None
     return RequestPage(jobs=page, user_names=names, next_key=next_key)
