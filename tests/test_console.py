@@ -187,6 +187,36 @@ def test_pages_have_a_strict_policy_no_inline_code_and_no_cookie(farm: RunningFa
         assert re.search(r"(src|href)=\"(https?:)?//", html) is None, path  # no CDN
 
 
+def test_the_policy_blocks_injected_code_and_reports_it(
+    farm: RunningFarm, browser: Browser
+) -> None:
+    # Were the escaping ever to fail, the policy is the second wall; and the reports it
+    # makes are what the `page` fixture listens for.
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"{farm.url}/console/")
+    with page.expect_console_message(lambda message: "script-src" in message.text) as script:
+        page.evaluate(
+            """() => {
+                const script = document.createElement("script");
+                script.textContent = "window.__pwned = 1";
+                document.body.append(script);
+            }"""
+        )
+    with page.expect_console_message(lambda message: "img-src" in message.text) as image:
+        page.evaluate(
+            """() => {
+                const image = document.createElement("img");
+                image.src = "https://example.com/beacon.png";
+                document.body.append(image);
+            }"""
+        )
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+    context.close()
+    assert "Content Security Policy" in script.value.text
+    assert "Content Security Policy" in image.value.text
+
+
 def test_sign_in_refuses_a_bad_key_and_sign_out_forgets_the_key(
     farm: RunningFarm, accounts: Accounts, page: Page
 ) -> None:
@@ -284,9 +314,10 @@ def test_live_progress_and_cancel_from_the_gallery_and_the_request_page(
     farm: RunningFarm, accounts: Accounts, page: Page
 ) -> None:
     sign_in(page, farm, accounts.painter)
-    # Slow enough to be watched and cancelled: 10 images of 50 steps take tens of seconds.
+    # Slow enough to be watched and cancelled: 10 images of 50 steps at 1024x1024 take a minute
+    # or more on the tiny checkpoint; the cancel stops it at its next step.
     page.fill("#param-prompt", "a lighthouse at dusk, long exposure")
-    for name, value in (("width", "512"), ("height", "512"), ("steps", "50")):
+    for name, value in (("width", "1024"), ("height", "1024"), ("steps", "50")):
         page.fill(f"#param-{name}", value)
     page.fill("#param-number_of_images", "10")
     page.click("#render-submit")
