@@ -135,7 +135,7 @@ def decode_usage_cursor(cursor: str) -> UsageKey:
     return UsageKey(day, user_id)
 
 
-def _history_read(
+def history_read(
     tenant_id: int, state: JobState | None, after: HistoryKey | None, limit: int
 ) -> Select[Job]:
     """One index range read, newest first: the tenant's jobs (of one state) below `after`."""
@@ -166,7 +166,7 @@ def request_page(
     for state in states:
         jobs.extend(
             session.scalars(
-                _history_read(tenant_id, state, after, limit + 1).options(selectinload(Job.images))
+                history_read(tenant_id, state, after, limit + 1).options(selectinload(Job.images))
             )
         )
     jobs.sort(key=lambda job: (job.created_at, job.id), reverse=True)
@@ -194,6 +194,20 @@ def usage_window(first: date | None, last: date | None, today: date) -> tuple[da
     return first, last
 
 
+def usage_read(
+    tenant_id: int, first: date, last: date, limit: int, after: UsageKey | None = None
+) -> Select[UsageDay, str]:
+    """One index range read: the tenant's usage rows from `first` to `last` after `after`."""
+    query = (
+        select(UsageDay, User.name)
+        .join(User, User.id == UsageDay.user_id)
+        .where(UsageDay.tenant_id == tenant_id, UsageDay.day >= first, UsageDay.day <= last)
+    )
+    if after is not None:
+        query = query.where(tuple_(UsageDay.day, UsageDay.user_id) > (after.day, after.user_id))
+    return query.order_by(UsageDay.day, UsageDay.user_id).limit(limit)
+
+
 def usage_page(
     session: Session,
     tenant_id: int,
@@ -203,14 +217,7 @@ def usage_page(
     after: UsageKey | None = None,
 ) -> UsagePage:
     """A page of the tenant's daily usage from `first` to `last` (inclusive), by day then user."""
-    query = (
-        select(UsageDay, User.name)
-        .join(User, User.id == UsageDay.user_id)
-        .where(UsageDay.tenant_id == tenant_id, UsageDay.day >= first, UsageDay.day <= last)
-    )
-    if after is not None:
-        query = query.where(tuple_(UsageDay.day, UsageDay.user_id) > (after.day, after.user_id))
-    rows = session.execute(query.order_by(UsageDay.day, UsageDay.user_id).limit(limit + 1)).all()
+    rows = session.execute(usage_read(tenant_id, first, last, limit + 1, after)).all()
     lines = [
         UsageLine(
             day=usage.day,
