@@ -7,12 +7,15 @@ against a remote farm. The key is sent in the `x-api-key` header and never print
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, Final, TextIO
 
 import httpx
@@ -184,7 +187,54 @@ class Outcome:
         }
 
 
-def ask_to_cancel(request_id: str, stdin: TextIO, err: TextIO) -> bool:
+class Interrupts:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt only inside `armed()` blocks; elsewhere it waits.
+
+    It then lands in a network call, a sleep or the question, never half-way through
+    printing or writing a file; one that arrives in between is raised by the next block.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._armed = False
+
+    def _handle(self, _signum: int, _frame: FrameType | None) -> None:
+        if self._armed:
+            self._armed = False
+            raise KeyboardInterrupt
+        self.pending = True
+
+    @contextmanager
+    def armed(self) -> Iterator[None]:
+        """A block that a Ctrl-C (now, or one waiting) interrupts."""
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Route SIGINT here while the block runs (the main thread only can)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def ask_to_cancel(
+    request_id: str,
+    stdin: TextIO,
+    err: TextIO,
+    armed: Callable[[], AbstractContextManager[None]] = nullcontext,
+) -> bool:
     """Ask whether to cancel; y/yes cancels, any other line keeps waiting.
 
     No answer at all (stdin at its end, as for a script run with </dev/null, or a second
@@ -193,7 +243,8 @@ def ask_to_cancel(request_id: str, stdin: TextIO, err: TextIO) -> bool:
     err.write(f"\nCancel request {request_id}? [y/N] ")
     err.flush()
     try:
-        line = stdin.readline()
+        with armed():
+            line = stdin.readline()
     except (KeyboardInterrupt, OSError, ValueError):
         line = ""
     if not line:
@@ -244,42 +295,42 @@ class Renderer:
         *,
         show_progress: bool,
         ask: Callable[[str], bool],
+        interrupts: Interrupts | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ):
         self.client = client
         self.console = console
         self.show_progress = show_progress
         self.ask = ask
+        self.interrupts = interrupts or Interrupts()
         self.sleep = sleep
 
     def run(self, params: dict[str, Any], out_dir: Path) -> Outcome:
         """Render `params` and write the images to `out_dir`; the outcome."""
         submitted = self.client.submit(params)
         request_id = str(submitted["request_id"])
+        # On stderr even with --json: a script interrupted later still knows what it started.
+        self.console.print(f"request {request_id} queued", markup=False, highlight=False)
         final = self._follow(request_id)
-        return self._collect(request_id, final, out_dir)
+        with self.interrupts.armed():
+            return self._collect(request_id, final, out_dir)
 
     def _follow(self, request_id: str) -> dict[str, Any]:
         """Poll the status until the request ends; Ctrl-C offers to cancel it."""
-        cancelling = announced = False
+        cancelling = False
         with _progress(self.console, self.show_progress) as progress:
             task = progress.add_task(f"request {request_id}", total=None)
             while True:
                 try:
-                    if not announced:
-                        # Inside the try, so a Ctrl-C right after this line still offers
-                        # the cancel. On stderr even with --json: a script interrupted
-                        # later still knows what it started.
-                        self.console.print(
-                            f"request {request_id} queued", markup=False, highlight=False
-                        )
-                        announced = True
                     return self._poll(request_id, progress, task, cancelling)
                 except KeyboardInterrupt:
                     if cancelling:
                         raise  # a Ctrl-C while a cancel settles leaves at once
                     progress.stop()
                     if not self.ask(request_id):
+                        self.console.print(
+                            f"request {request_id} goes on", markup=False, highlight=False
+                        )
                         progress.start()
                         continue
                     answer = self.client.cancel(request_id)
@@ -295,7 +346,8 @@ class Renderer:
         self, request_id: str, progress: Progress, task: TaskID, cancelling: bool
     ) -> dict[str, Any]:
         while True:
-            body = self.client.status(request_id)
+            with self.interrupts.armed():
+                body = self.client.status(request_id)
             if body.get("status") in TERMINAL:
                 progress.update(task, description=_state(body), total=1, completed=1)
                 return body
@@ -303,7 +355,8 @@ class Renderer:
             if cancelling:
                 text = f"cancelling: {text}"
             progress.update(task, description=text, total=total, completed=completed)
-            self.sleep(POLL_INTERVAL_S)
+            with self.interrupts.armed():
+                self.sleep(POLL_INTERVAL_S)
 
     def _collect(self, request_id: str, final: dict[str, Any], out_dir: Path) -> Outcome:
         """Fetch the result and write every delivered image (a cancelled job may have some)."""
@@ -343,14 +396,17 @@ def render_command(
     stdin = stdin or sys.stdin
     console = Console(stderr=True)
     client = FarmClient(url, api_key)
+    interrupts = Interrupts()
     renderer = Renderer(
         client,
         console,
         show_progress=not as_json,
-        ask=lambda request_id: ask_to_cancel(request_id, stdin, sys.stderr),
+        ask=lambda request_id: ask_to_cancel(request_id, stdin, sys.stderr, interrupts.armed),
+        interrupts=interrupts,
     )
     try:
-        outcome = renderer.run(params, out_dir)
+        with interrupts.installed():
+            outcome = renderer.run(params, out_dir)
     except ApiError as exc:
         return _report_error(exc, as_json)
     except KeyboardInterrupt:

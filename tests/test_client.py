@@ -222,15 +222,26 @@ def test_ctrl_c_asks_and_cancels_the_request(
     assert len(stdout.splitlines()) == status.json()["progress"]["images_done"] < 4
 
 
-def test_ctrl_c_with_no_one_to_answer_cancels(
+def test_ctrl_c_answered_no_goes_on_and_with_no_one_to_answer_cancels(
     farm: RunningFarm, key: str, client_env: dict[str, str], tmp_path: Path
 ) -> None:
     proc, request_id = start_render(
-        client_env, subprocess.DEVNULL, *LONG, "--json", "--out", str(tmp_path)
+        client_env, subprocess.PIPE, *LONG, "--json", "--out", str(tmp_path)
     )
     try:
+        assert proc.stdin is not None and proc.stderr is not None
+        proc.stdin.write("n\n")
+        proc.stdin.close()  # after this answer, nobody is left to answer
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        answered = proc.stderr.readline() + proc.stderr.readline()
+        assert f"Cancel request {request_id}? [y/N]" in answered
+        assert f"request {request_id} goes on" in answered
+        status = api(farm, key, "GET", f"/v2/requests/{request_id}/status").json()
+        assert status["status"] in ("QUEUED", "PROCESSING") and not status.get("cancelled")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)  # its output is a few lines: the pipes cannot fill up
+        assert proc.stdout is not None
+        stdout, stderr = proc.stdout.read(), proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
