@@ -22,7 +22,8 @@ from shared.settings import Settings
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the API for `settings` (read from the environment when omitted)."""
     settings = settings or Settings()
-    app = Flask(__name__)
+    # Assets are served by their pages' blueprints, under those pages' security headers.
+    app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     resources = open_resources(settings)

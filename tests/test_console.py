@@ -168,6 +168,8 @@ def finished(farm: RunningFarm, key: str, request_id: str) -> None:
 def test_pages_have_a_strict_policy_no_inline_code_and_no_cookie(farm: RunningFarm) -> None:
     root = httpx.get(f"{farm.url}/")
     assert root.status_code == 302 and root.headers["location"].endswith("/console/")
+    # Assets come only from the console's own route, which sends its headers.
+    assert httpx.get(f"{farm.url}/static/console/console.js").status_code == 404
     assets = ("/console/static/console.js", "/console/static/console.css")
     for path in (*PAGES, "/console/requests/abc", *assets):
         response = httpx.get(f"{farm.url}{path}")
