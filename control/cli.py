@@ -345,14 +345,19 @@ def keys_list(name: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"user": name, "keys": [_key_json(info) for info in found]}))
         return
-    table = Table("prefix", "created", "last used", "revoked", title=f"API keys of {name}")
+
+    def shown(value: datetime | None, missing: str) -> str:
+        return value.strftime("%Y-%m-%d %H:%M:%S") if value else missing
+
+    table = Table(title=f"API keys of {name} (times in UTC)")
+    for column in ("prefix", "created", "last used", "revoked"):
+        table.add_column(column, no_wrap=True)
     for info in found:
-        row = _key_json(info)
         table.add_row(
             info.prefix,
-            row["created_at"],
-            row["last_used_at"] or "never",
-            row["revoked_at"] or "",
+            shown(info.created_at, ""),
+            shown(info.last_used_at, "never"),
+            shown(info.revoked_at, "no"),
         )
     Console().print(table)
 
