@@ -72,7 +72,12 @@ from shared.resources import Resources
 if TYPE_CHECKING:
     from prometheus_client import Counter, Gauge
     from prometheus_client import Histogram as HistogramMetric
-    from prometheus_client.core import Metric
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
 
 log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__)
@@ -238,10 +243,8 @@ class FarmCollector:
 
     def collect(self) -> Iterator[Metric]:
         """Counters, queues and workers; a backend that does not answer leaves its out."""
-        from prometheus_client.core import GaugeMetricFamily
-
         resources = self._resources
-        up = GaugeMetricFamily(BACKEND_UP.name, BACKEND_UP.help, labels=BACKEND_UP.labels)
+        up = _gauge(BACKEND_UP)
         counters: Counters | None = None
         workers: list[WorkerGauge] = []
         leader = False
@@ -276,19 +279,19 @@ class FarmCollector:
             yield from _queue_families(loads)
 
 
-def _gauge(family: Family) -> Any:
+def _gauge(family: Family) -> GaugeMetricFamily:
     from prometheus_client.core import GaugeMetricFamily
 
     return GaugeMetricFamily(family.name, family.help, labels=family.labels)
 
 
-def _counter(family: Family) -> Any:
+def _counter(family: Family) -> CounterMetricFamily:
     from prometheus_client.core import CounterMetricFamily
 
     return CounterMetricFamily(family.name, family.help, labels=family.labels)
 
 
-def _histogram(family: Family) -> Any:
+def _histogram(family: Family) -> HistogramMetricFamily:
     from prometheus_client.core import HistogramMetricFamily
 
     return HistogramMetricFamily(family.name, family.help, labels=family.labels)
@@ -323,12 +326,11 @@ def _histogram_family(
     histograms: dict[int, Histogram],
     buckets: tuple[float, ...],
     tenant: Callable[[int], str],
-) -> Metric:
+) -> HistogramMetricFamily:
     metric = _histogram(family)
     for tenant_id, histogram in sorted(histograms.items()):
         metric.add_metric([tenant(tenant_id)], histogram.cumulative(buckets), histogram.sum)
-    result: Metric = metric
-    return result
+    return metric
 
 
 def _queue_families(loads: list[TenantLoad]) -> Iterator[Metric]:
