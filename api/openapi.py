@@ -21,6 +21,7 @@ from werkzeug.routing import Rule
 
 from api.context import farm
 from api.spec import PROBLEM_MEDIA_TYPE, Operation, Problem, ResponseHeader, operation_of
+from api.views import external_url
 from shared.settings import Settings
 
 bp = Blueprint("openapi", __name__)
@@ -98,6 +99,8 @@ def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
     parameters = []
     for name, field_schema in schema.get("properties", {}).items():
         field = _not_null(dict(field_schema))
+        if field.get("default", "") is None:
+            del field["default"]  # absent, not null: a query string has no null
         description = field.pop("description", None)
         field.pop("title", None)
         parameter: dict[str, Any] = {
@@ -275,7 +278,6 @@ def build_openapi(app: Flask, settings: Settings) -> dict[str, Any]:
                 "document is served at [/docs](/docs)."
             ),
         },
-        "externalDocs": {"description": "Interactive API reference", "url": "/docs"},
         "tags": [{"name": tag} for tag in tags],
         "paths": _resolve(paths, placeholders),
         "components": {
@@ -304,7 +306,14 @@ def openapi_document() -> dict[str, Any]:
 @bp.get("/openapi.json")
 def openapi_json() -> Response:
     """Serve the OpenAPI document."""
-    return jsonify(openapi_document())
+    # The reference's URL is absolute (the 3.1 schema wants a URI): this host's, per request.
+    document = openapi_document() | {
+        "externalDocs": {
+            "description": "Interactive API reference",
+            "url": external_url("openapi.docs_page"),
+        }
+    }
+    return jsonify(document)
 
 
 # ------------------------------------------------------------------ interactive reference

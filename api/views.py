@@ -301,7 +301,7 @@ def _job_link(operation_id: str, **extra: Any) -> dict[str, Any]:
     links={
         "GetStatus": _job_link("getRequestStatus"),
         "GetResult": _job_link("getRequestResult"),
-        "GetFirstImage": _job_link("getRequestImage", index=0),
+        "GetFirstImage": _job_link("getRequestImage", index="0"),
         "Cancel": _job_link("cancelRequest"),
     },
 )

@@ -194,14 +194,19 @@ def test_document_states_the_servers_bounds_and_links(contract_app: tuple[Flask,
         for operation in path.values()
     }
     assert {link["operationId"] for link in links.values()} <= ids
-    assert links["GetFirstImage"]["parameters"]["index"] == 0
+    assert links["GetFirstImage"]["parameters"]["index"] == "0"
     for path in document["paths"].values():
         for operation in path.values():
             for status, response in operation["responses"].items():
                 if int(status) >= 400 and "content" in response and status not in ("422", "503"):
                     assert list(response["content"]) == ["application/problem+json"]
     assert set(document["components"]["securitySchemes"]) == {"apiKey", "bearer"}
-    assert document["externalDocs"]["url"] == "/docs"
+    assert document["externalDocs"]["url"] == "http://localhost/docs"
+
+
+def test_document_is_valid_openapi_3_1(api_schema: OpenApiSchema) -> None:
+    api_schema.validate()  # against the OpenAPI 3.1 meta-schema; raises if invalid
+    assert api_schema.raw_schema["openapi"] == "3.1.0"
 
 
 def test_reference_page_and_its_assets_are_served_from_here(
