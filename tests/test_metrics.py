@@ -32,7 +32,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from api.metrics import exposed_families
+from api.metrics import MULTIPROC_ENV, exposed_families, prepare_multiprocess_dir
 from control.dispatcher import Dispatcher
 from control.launcher import RedisServer
 from control.processes import ChildSpec, free_port
@@ -257,6 +257,21 @@ def test_histograms_are_cumulative_and_a_redis_outage_is_not_an_error(redis_url:
 
     unreachable = redis.Redis(host="127.0.0.1", port=free_port(), retry=Retry(NoBackoff(), 0))
     record(unreachable, QueueWait(7, 1.0))  # logged, not raised: a render never fails for it
+
+
+def test_the_multiprocess_directory_is_emptied_of_old_values_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chosen = tmp_path / "chosen"
+    chosen.mkdir()
+    (chosen / "counter_4242.db").write_bytes(b"old counts")
+    (chosen / "notes.txt").write_text("not ours")
+    monkeypatch.setenv(MULTIPROC_ENV, str(chosen))  # restored after the test
+    assert prepare_multiprocess_dir(tmp_path / "default") == chosen
+    assert sorted(path.name for path in chosen.iterdir()) == ["notes.txt"]
+    monkeypatch.delenv(MULTIPROC_ENV)
+    default = prepare_multiprocess_dir(tmp_path / "default")
+    assert default.is_dir() and os.environ[MULTIPROC_ENV] == str(default)
 
 
 def test_the_queue_gauges_read_an_index_not_the_jobs(tmp_path: Path) -> None:
