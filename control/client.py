@@ -43,6 +43,9 @@ TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0)
 POLL_INTERVAL_S: Final = 0.5
 EXTENSIONS: Final = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 TERMINAL: Final = ("COMPLETED", "FAILED")
+# While following a render: statuses worth polling again (None: no answer at all), and for how long.
+TRANSIENT: Final = (None, 502, 503, 504)
+OUTAGE_PATIENCE_S: Final = 60.0
 
 
 @dataclass
@@ -345,9 +348,31 @@ class Renderer:
     def _poll(
         self, request_id: str, progress: Progress, task: TaskID, cancelling: bool
     ) -> dict[str, Any]:
+        failing_since: float | None = None
         while True:
-            with self.interrupts.armed():
-                body = self.client.status(request_id)
+            try:
+                with self.interrupts.armed():
+                    body = self.client.status(request_id)
+                failing_since = None
+            except ApiError as exc:
+                # A farm restarting or briefly overloaded must not end the wait: the request
+                # goes on there. Anything else, or an outage that lasts, is reported.
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    if exc.status in TRANSIENT:
+                        self.console.print(
+                            f"{exc.message}; retrying for up to {OUTAGE_PATIENCE_S:.0f} s",
+                            markup=False,
+                            highlight=False,
+                        )
+                if exc.status not in TRANSIENT or (
+                    time.monotonic() - failing_since > OUTAGE_PATIENCE_S
+                ):
+                    raise
+                progress.update(task, description=f"waiting for the farm: {exc.message}")
+                with self.interrupts.armed():
+                    self.sleep(POLL_INTERVAL_S * 4)
+                continue
             if body.get("status") in TERMINAL:
                 progress.update(task, description=_state(body), total=1, completed=1)
                 return body

@@ -25,7 +25,7 @@ from PIL import Image
 
 from control.client import EXIT_API, EXIT_FAILED, EXIT_OK
 from control.launcher import RedisServer
-from control.processes import free_port
+from control.processes import ChildSpec, free_port
 from tests.processes import REPO, RunningFarm, farm_env, running_farm, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -331,3 +331,42 @@ def test_the_api_log_never_holds_the_key(farm: RunningFarm, key: str) -> None:
     log = farm.processes.log("api")
     assert "/v2/kolors" in log  # the access log saw this module's requests
     assert key not in log and key[10:] not in log
+
+
+def test_render_waits_through_an_api_restart(
+    farm: RunningFarm, client_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Last in the module: the API comes back on the same port, logging to a new file."""
+    proc, request_id = start_render(
+        client_env, subprocess.DEVNULL, "a patient fox", "-n", "2", "--size", "512x512",
+        "--steps", "20", "--format", "png", "--out", str(tmp_path),
+    )  # fmt: skip
+    try:
+        farm.processes.kill("api", signal.SIGTERM)
+        assert not answers_health(farm.url)
+        port = farm.url.rsplit(":", 1)[1]
+        farm.processes.supervisor.start(
+            ChildSpec(
+                "api-again",
+                [sys.executable, "-m", "api", "--port", port],
+                farm.processes.env,
+                log_path=farm.processes.logs / "api-again.log",
+            )
+        )
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_OK, stderr
+    assert f"cannot reach the farm at {farm.url}" in stderr and "retrying for up to" in stderr
+    assert [Path(line).name for line in stdout.splitlines()] == [
+        f"{request_id}-{seed}.png" for seed in (441234134, 441234135)
+    ]
+    assert answers_health(farm.url)
+
+
+def answers_health(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
