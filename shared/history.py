@@ -14,7 +14,7 @@ import binascii
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final
 
 from sqlalchemy import Select, select, tuple_
@@ -110,9 +110,12 @@ def decode_history_cursor(cursor: str) -> HistoryKey:
     try:
         created_at = datetime.fromisoformat(payload["t"])
         job_id = payload["id"]
-    except (KeyError, TypeError, ValueError) as exc:
+        if created_at.tzinfo is None:
+            raise ValueError("a cursor's time is in UTC")
+        created_at = created_at.astimezone(UTC)  # overflows near year 1 or 9999
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise _bad_cursor() from exc
-    if not isinstance(job_id, str) or created_at.tzinfo is None:
+    if not isinstance(job_id, str):
         raise _bad_cursor()
     return HistoryKey(created_at, job_id)
 
@@ -130,7 +133,8 @@ def decode_usage_cursor(cursor: str) -> UsageKey:
         user_id = payload["u"]
     except (KeyError, TypeError, ValueError) as exc:
         raise _bad_cursor() from exc
-    if not isinstance(user_id, int) or isinstance(user_id, bool):
+    # Ids are 64-bit at most; a larger number would overflow SQLite's integers.
+    if not isinstance(user_id, int) or isinstance(user_id, bool) or not 0 <= user_id < 2**63:
         raise _bad_cursor()
     return UsageKey(day, user_id)
 
@@ -184,7 +188,8 @@ def request_page(
 def usage_window(first: date | None, last: date | None, today: date) -> tuple[date, date]:
     """The inclusive days a usage report covers: defaults and bounds checked (400 if not)."""
     last = last or today
-    first = first or last - timedelta(days=29)
+    if first is None:
+        first = last - timedelta(days=29) if last > date.min + timedelta(days=29) else date.min
     if first > last:
         raise InvalidParams.single("from", "from_not_after_to", "must not be after `to`")
     if (last - first).days + 1 > MAX_USAGE_DAYS:

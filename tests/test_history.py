@@ -272,6 +272,14 @@ def _cursor(payload: str) -> str:
         ("/v2/requests?cursor=" + _cursor('{"t": "yesterday", "id": "x"}'), "cursor"),
         ("/v2/requests?cursor=" + _cursor('{"t": "2026-01-01T00:00:00", "id": "x"}'), "cursor"),
         ("/v2/requests?cursor=" + _cursor("[1, 2]"), "cursor"),
+        (
+            "/v2/requests?cursor=" + _cursor('{"t": "0001-01-01T00:00:00+05:00", "id": "x"}'),
+            "cursor",
+        ),
+        (
+            "/v1/usage?cursor=" + _cursor('{"d": "2026-01-01", "u": 100000000000000000000}'),
+            "cursor",
+        ),
         ("/v2/requests?page=2", "page"),
         ("/v1/usage?from=2026-02-30", "from"),
         ("/v1/usage?to=tomorrow", "to"),
@@ -292,7 +300,8 @@ def test_bad_query_parameters_are_a_problem_naming_the_parameter(
 
 
 def test_a_full_year_of_usage_is_allowed(client: FlaskClient, alice: ApiUser) -> None:
-    for window in ("from=2024-01-01&to=2024-12-31", "from=2025-01-01&to=2026-01-01"):
+    windows = ("from=2024-01-01&to=2024-12-31", "from=2025-01-01&to=2026-01-01", "to=0001-01-05")
+    for window in windows:
         response = client.get(f"/v1/usage?{window}", headers=alice.headers)
         assert response.status_code == 200, window  # 366 days, both ends included
 
