@@ -10,13 +10,14 @@ from flask import Flask, Response, jsonify
 from sqlalchemy.exc import InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
+from api.spec import PROBLEM_MEDIA_TYPE
 from shared.errors import FarmError, InvalidParams, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
 
 def problem(status: int, title: str, error: str, **extra: Any) -> Response:
-    """A JSON error response: `error` for Segmind's SDK, `type/title/status/detail` for RFC 9457."""
+    """A problem+json response (`api.spec.Problem`): Segmind's `error` plus RFC 9457 fields."""
     body = {
         "error": error,
         "type": "about:blank",
@@ -27,7 +28,7 @@ def problem(status: int, title: str, error: str, **extra: Any) -> Response:
     }
     response = jsonify(body)
     response.status_code = status
-    response.content_type = "application/problem+json"
+    response.content_type = PROBLEM_MEDIA_TYPE
     return response
 
 
