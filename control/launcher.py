@@ -211,7 +211,10 @@ Kolors render farm is up at {url}  (Ctrl-C stops it)
 Create a user (prints its API key on the last line):
   kolors-farm users create alice --credits 100
 
-Render (Segmind-compatible):
+Open {url}/ in a browser and sign in with that key, or render from the terminal:
+  KOLORS_FARM_API_KEY=$KEY kolors-farm render "a red fox in the snow" --out images/
+
+Or over HTTP (Segmind-compatible):
   curl -X POST {url}/v1/kolors -H "x-api-key: $KEY" \\
        -F prompt="a red fox in the snow, detailed" -F seed=441234134 -o fox.webp
 """,
