@@ -97,6 +97,8 @@ ACTIVE_LINE_SQL = "waiting > 0 OR in_flight > 0"
 TENANT_WAITING_SQL = "waiting > 0"
 TENANT_SINGLE_SQL = "waiting = 1"
 TENANT_MULTI_SQL = "waiting > 1"
+CACHEABLE_SQL = "cache_key IS NOT NULL"
+DELIVERY_PENDING_SQL = "state = 'pending'"
 # Fair-share weights stay below this so virtual times compare exactly as floats.
 MAX_WEIGHT = 10_000
 
@@ -250,6 +252,10 @@ class Job(Base):
     queue_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # Size in pixel-steps (width x height x steps x images), for the ETA.
     work: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Where to POST the request's events (Standard Webhooks), and which: "completed",
+    # "start" or "start,completed".
+    webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
+    webhook_events: Mapped[str | None] = mapped_column(String(32), default=None)
 
     images: Mapped[list[JobImage]] = relationship(order_by="JobImage.index", back_populates="job")
 
@@ -351,7 +357,15 @@ class JobImage(Base):
     """One delivered image of a job, stored under `storage_key`."""
 
     __tablename__ = "job_images"
-    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_job_images_job_id_index"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "index", name="uq_job_images_job_id_index"),
+        Index(
+            "ix_job_images_cache_key",
+            "cache_key",
+            postgresql_where=text(CACHEABLE_SQL),
+            sqlite_where=text(CACHEABLE_SQL),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
@@ -364,6 +378,11 @@ class JobImage(Base):
     # The generation record embedded in the image's metadata (see shared/imaging.py).
     generation: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # SHA-256 of the rendering inputs (parameters, seed, weights, library versions), set
+    # on rendered images so an identical request can be answered from storage.
+    cache_key: Mapped[str | None] = mapped_column(String(64), default=None)
+    # True when this image was answered from the result cache, not rendered.
+    cached: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
 
     job: Mapped[Job] = relationship(back_populates="images")
 
@@ -411,3 +430,86 @@ class UsageDay(Base):
     held: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     captured: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     released: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class WebhookSecret(Base):
+    """A tenant's webhook signing secret (`whsec_...`); a rotated one signs until `expires_at`."""
+
+    __tablename__ = "webhook_secrets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WebhookDelivery(Base):
+    """One event of one request to deliver to its webhook; `id` is the stable `webhook-id`."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text(DELIVERY_PENDING_SQL),
+            sqlite_where=text(DELIVERY_PENDING_SQL),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    event: Mapped[str] = mapped_column(String(16))
+    url: Mapped[str] = mapped_column(Text)
+    # pending, delivered, failed (gave up or not retryable), disabled (the URL answered 410)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WebhookAttempt(Base):
+    """One HTTP attempt of a delivery: when, how long, what came back."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id"), index=True)
+    attempted_at: Mapped[datetime] = mapped_column(default=utcnow)
+    latency_ms: Mapped[int | None] = mapped_column(Integer, default=None)
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    error: Mapped[str | None] = mapped_column(String(500), default=None)
+
+
+class DisabledWebhook(Base):
+    """A URL that answered 410 Gone: no more deliveries to it for this tenant."""
+
+    __tablename__ = "disabled_webhooks"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "url_hash", name="uq_disabled_webhooks_tenant_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    url_hash: Mapped[str] = mapped_column(String(64))  # SHA-256 hex of the URL
+    url: Mapped[str] = mapped_column(Text)
+    disabled_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """A client's `Idempotency-Key` for one submission, scoped per user, kept until `expires_at`."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("user_id", "key", name="uq_idempotency_keys_user_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    key: Mapped[str] = mapped_column(String(255))
+    # SHA-256 hex of the request (route and body) the key was first used with.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    # NULL while the first request is still being created.
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
