@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import redis
-from flask import Blueprint, Response, g, request, url_for
+from flask import Blueprint, Response, after_this_request, g, request, url_for
 from sqlalchemy import text
 
 from api.auth import authenticated, current_principal
@@ -29,8 +29,10 @@ from api.schemas import (
     UserCredits,
 )
 from api.spec import (
+    PROBLEM_MEDIA_TYPE,
     Alternative,
     HeaderParameter,
+    Problem,
     ResponseHeader,
     operation,
     respond,
@@ -45,6 +47,20 @@ from shared.events import (
     request_cancel,
     wait_for_job,
     wake_dispatcher,
+)
+from shared.idempotency import (
+    HEADER as IDEMPOTENCY_HEADER,
+)
+from shared.idempotency import (
+    MAX_KEY_LENGTH,
+    REPLAYED_HEADER,
+    Claimed,
+    Replay,
+    attach_job,
+    check_key,
+    claim_key,
+    release_claim,
+    submission_fingerprint,
 )
 from shared.ledger import get_balance
 from shared.links import ImageLink, sign_image_link, signing_key, verify_image_link
@@ -95,6 +111,41 @@ RETENTION = HeaderParameter(
     },
 )
 SEED_HEADER = ResponseHeader("The image's seed.", {"type": "string", "pattern": "^[0-9]+$"})
+IDEMPOTENCY_KEY = HeaderParameter(
+    IDEMPOTENCY_HEADER,
+    "Makes the submission safe to retry (IETF draft). A repeat with the same key and the "
+    "same request (route and parameters as parsed: JSON or form, any key order, defaults "
+    "explicit or not; the deadline and retention headers) within KOLORS_FARM_IDEMPOTENCY_TTL_S "
+    "answers the same request, with no new hold or charge, marked `Idempotent-Replayed: true`. "
+    "Keys are per user: 1 to 255 visible ASCII characters.",
+    lambda settings: {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_KEY_LENGTH,
+        "pattern": "^[!-~]+$",
+    },
+)
+REPLAYED = ResponseHeader(
+    "`true` when this answers again the request an earlier submission with the same "
+    "Idempotency-Key created.",
+    {"type": "string", "enum": ["true"]},
+)
+IN_PROGRESS = Alternative(
+    "A request with this Idempotency-Key is still being created: retry after Retry-After "
+    "seconds for its answer",
+    Problem,
+    (PROBLEM_MEDIA_TYPE,),
+    {
+        "Retry-After": ResponseHeader(
+            "Seconds to wait before retrying.",
+            {"type": "string", "pattern": "^[0-9]+$"},
+            required=True,
+        )
+    },
+)
+KEY_REUSED = (
+    "The Idempotency-Key was first used with another request (rule `idempotency_key_reused`)"
+)
 FAILED_STATUS = "The request FAILED (or was cancelled): the same body, with `error`."
 SUBMISSION_ERRORS = (400, 401, 406, 413, 429, 503)
 BODY_MEDIA_TYPES = ("application/json", "application/x-www-form-urlencoded")
@@ -142,7 +193,7 @@ def _retention() -> timedelta:
     return asked or timedelta(seconds=settings.result_retention_s)
 
 
-def _submit(params: KolorsParams) -> Job:
+def _submit(params: KolorsParams, claimed: Claimed | None = None) -> Job:
     """Commit a QUEUED job with its hold, then wake the dispatcher, which releases it."""
     context = farm()
     deadline = _deadline()
@@ -157,6 +208,8 @@ def _submit(params: KolorsParams) -> Job:
             deadline=deadline,
             retention=retention,
         )
+        if claimed is not None:
+            attach_job(session, claimed, job.id)
         g.balance = get_balance(session, current_principal().user_id)
     try:
         wake_dispatcher(context.redis)
@@ -166,6 +219,46 @@ def _submit(params: KolorsParams) -> Job:
     record(context.redis, RequestSubmitted(job.tenant_id))
     log.info("job %s queued for user %s", job.id, current_principal().user_id)
     return job
+
+
+def _submit_once(route: str, params: KolorsParams) -> Job:
+    """Submit, or with an `Idempotency-Key` seen before, find the request it created."""
+    key = check_key(request.headers.getlist(IDEMPOTENCY_HEADER))
+    if key is None:
+        return _submit(params)
+    context = farm()
+    principal = current_principal()
+    deadline = _deadline()
+    digest = submission_fingerprint(
+        route,
+        params,
+        deadline.total_seconds() if deadline else None,
+        _retention().total_seconds(),
+    )
+    ttl = timedelta(seconds=context.settings.idempotency_ttl_s)
+    with transaction(context.sessions) as session:
+        claim = claim_key(session, principal.user_id, key, digest, utcnow(), ttl)
+    if isinstance(claim, Replay):
+        with read_only(context.sessions) as session:
+            job = get_job(session, principal, claim.job_id)
+            g.balance = get_balance(session, principal.user_id)
+
+        @after_this_request
+        def replayed(response: Response) -> Response:
+            response.headers[REPLAYED_HEADER] = "true"
+            return response
+
+        return job
+    try:
+        return _submit(params, claim)
+    except Exception:
+        try:
+            with transaction(context.sessions) as session:
+                release_claim(session, claim)
+        except Exception as exc:
+            # Taken over once stale (a minute), so a retry succeeds even so.
+            log.warning("idempotency claim not released (%s)", type(exc).__name__)
+        raise
 
 
 def external_url(endpoint: str, **values: Any) -> str:
@@ -221,11 +314,20 @@ def _answer(body: JobStatus | JobResult, job: Job) -> Response:
     response_headers={
         "x-request-id": ResponseHeader("The request's id (image answers)."),
         "x-seed": SEED_HEADER,
+        REPLAYED_HEADER: REPLAYED,
     },
-    errors=(*SUBMISSION_ERRORS, 422, 504),
+    errors=(*SUBMISSION_ERRORS, 410, 504),
+    alternatives={
+        409: IN_PROGRESS,
+        FAILED_HTTP_STATUS: Alternative(
+            f"The request FAILED (or was cancelled); or: {KEY_REUSED}",
+            Problem,
+            (PROBLEM_MEDIA_TYPE,),
+        ),
+    },
     body=KolorsParams,
     body_media_types=BODY_MEDIA_TYPES,
-    headers=(DEADLINE, RETENTION),
+    headers=(DEADLINE, RETENTION, IDEMPOTENCY_KEY),
     tags=("render",),
     operation_id="renderSync",
 )
@@ -234,7 +336,7 @@ def kolors_sync() -> Response:
     """Render and wait; answer the first image's bytes, or JSON with every image."""
     params = parse_params(_request_fields())
     want_json = params.base64 or request.accept_mimetypes.best == "application/json"
-    job = _submit(params)
+    job = _submit_once("/v1/kolors", params)
     context = farm()
 
     def finished() -> bool:
@@ -250,6 +352,7 @@ def kolors_sync() -> Response:
             **_job_urls(job.id),
         )
     job = _load_job(job.id)
+    ensure_results_retained(job)  # a replay may come after the retention
     if public_status(job) == "FAILED" or not job.images:
         error, cancelled = failure_fields(job)
         extra = {"cancelled": True} if cancelled else {}
@@ -293,9 +396,14 @@ def _job_link(operation_id: str, **extra: Any) -> dict[str, Any]:
     response=Submitted,
     status=202,
     errors=SUBMISSION_ERRORS,
+    alternatives={
+        409: IN_PROGRESS,
+        422: Alternative(KEY_REUSED, Problem, (PROBLEM_MEDIA_TYPE,)),
+    },
+    response_headers={REPLAYED_HEADER: REPLAYED},
     body=KolorsParams,
     body_media_types=BODY_MEDIA_TYPES,
-    headers=(DEADLINE, RETENTION),
+    headers=(DEADLINE, RETENTION, IDEMPOTENCY_KEY),
     tags=("render",),
     operation_id="submitRender",
     links={
@@ -308,7 +416,7 @@ def _job_link(operation_id: str, **extra: Any) -> dict[str, Any]:
 @authenticated
 def kolors_async() -> Response:
     """Queue a render; answer its id and the URLs to poll."""
-    job = _submit(parse_params(_request_fields()))
+    job = _submit_once("/v2/kolors", parse_params(_request_fields()))
     return respond(Submitted(request_id=job.id, status="QUEUED", **_job_urls(job.id)), 202)
 
 

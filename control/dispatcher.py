@@ -36,6 +36,7 @@ from shared.events import (
     settling_jobs,
     wait_for_wake,
 )
+from shared.idempotency import IDEMPOTENCY_CLEANUP_BATCH, delete_expired_keys
 from shared.metrics import Dispatched, MetricEvent, RequestFinished, record, tenants_of_jobs
 from shared.models import JobState, utcnow
 from shared.queries import current_load, expired_results, next_in_fair_order, stale_releases
@@ -92,6 +93,11 @@ class Dispatcher:
             except Exception as exc:
                 # Storage trouble must not stop dispatching; the next cleanup retries.
                 log.warning("result cleanup failed (%s); will retry", type(exc).__name__)
+            try:
+                with transaction(self.sessions) as session:
+                    delete_expired_keys(session, utcnow(), IDEMPOTENCY_CLEANUP_BATCH)
+            except (OperationalError, InterfaceError) as exc:
+                log.warning("idempotency key cleanup failed (%s); will retry", type(exc).__name__)
         return report
 
     def delete_expired_results(self, batch: int = 200) -> list[str]:

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     # Monitoring: GET /metrics asks for this bearer token when set (else it is open).
     metrics_token: SecretStr | None = None
 
+    # Idempotency: how long an `Idempotency-Key` names its request (then it is new again).
+    idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
+
     @field_validator("data_dir")
     @classmethod
     def _absolute_data_dir(cls, value: Path) -> Path:
