@@ -396,3 +396,19 @@ def test_the_synchronous_route_answers_a_repeat_with_the_same_render(farm: Runni
     price = Decimal(512 * 512 * 4) / Decimal(1024 * 1024 * 25)  # the README's linear price
     charged = price.quantize(Decimal("0.001"), rounding=ROUND_CEILING)
     assert Decimal(credits["credits"]) == Decimal(10) - charged
+
+
+def test_the_document_names_the_header_and_its_answers(client: FlaskClient) -> None:
+    document = client.get("/openapi.json").get_json()
+    for path in ("/v1/kolors", "/v2/kolors"):
+        submit = document["paths"][path]["post"]
+        headers = {p["name"]: p["schema"] for p in submit["parameters"] if p["in"] == "header"}
+        assert headers["Idempotency-Key"]["maxLength"] == 255
+        assert headers["Idempotency-Key"]["minLength"] == 1
+        responses = submit["responses"]
+        success = responses["200" if path == "/v1/kolors" else "202"]
+        assert "Idempotent-Replayed" in success["headers"]
+        assert responses["409"]["headers"]["Retry-After"]["required"] is True
+        for status in ("409", "422"):
+            assert list(responses[status]["content"]) == ["application/problem+json"]
+        assert "Idempotency-Key" in responses["422"]["description"]
