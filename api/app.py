@@ -14,6 +14,7 @@ from api.errors import register_error_handlers
 from api.history import bp as history_bp
 from api.metrics import bp as metrics_bp
 from api.openapi import bp as openapi_bp
+from api.stream import bp as stream_bp
 from api.views import bp
 from shared.resources import open_resources
 from shared.settings import Settings
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(metrics_bp)
     app.register_blueprint(admin_bp)
     app.register_blueprint(console_bp)
+    app.register_blueprint(stream_bp)
     app.after_request(add_remaining_credits)
     register_error_handlers(app)
     logging.getLogger(__name__).info(

@@ -1,4 +1,14 @@
-"""Serve the API with gunicorn's threaded workers, so synchronous waits never block others."""
+"""Serve the API with gunicorn's threaded workers, so synchronous waits never block others.
+
+Event streams (GET /v2/requests/{id}/events) hold a thread each for as long as they
+are open, so each process gets `stream_max_per_process` threads on top of `threads`
+and admits at most that many streams (a 503 beyond): however many streams are open,
+the other routes keep their `threads`. An idle stream's thread waits on a condition
+(no CPU, no Redis or database connection) and costs only its stack's touched pages.
+Python threads are created as the pool needs them, so unused stream threads cost
+nothing. A gevent worker would also do, but it means a new dependency and monkey-
+patching every driver (psycopg, redis, boto3); threads keep the stack as it is.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +53,9 @@ def serve(settings: Settings, host: str, port: int, processes: int, threads: int
             "bind": f"{host}:{port}",
             "workers": processes,
             "worker_class": "gthread",
-            "threads": threads,
+            "threads": threads + settings.stream_max_per_process,
+            # Connections a process holds at once: busy threads plus idle keep-alives.
+            "worker_connections": threads + settings.stream_max_per_process + 1000,
             # gthread workers heartbeat from their main loop; this only bounds a stuck process.
             "timeout": int(settings.sync_timeout_s) + 60,
             "graceful_timeout": 10,

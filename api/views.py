@@ -41,6 +41,7 @@ from shared.db import read_only, transaction
 from shared.errors import InvalidLink, InvalidParams
 from shared.events import (
     DISPATCH_LOCK_KEY,
+    announce_job_finished,
     fleet,
     live_workers,
     read_progress,
@@ -618,8 +619,13 @@ def job_cancel(job_id: str) -> Response:
     if job.state == JobState.RUNNING.value:
         request_cancel(context.redis, job.id)
     elif before == JobState.QUEUED.value and job.state == JobState.CANCELLED.value:
-        # It ended here, not on a worker: count its end here.
+        # It ended here, not on a worker: count and announce its end here.
         record(context.redis, RequestFinished(job.tenant_id, job.state))
+        try:
+            announce_job_finished(context.redis, job.id, job.state)
+        except redis.RedisError as exc:
+            # Waiters and streams also re-read the job's row now and then.
+            log.warning("job %s: end not announced (%s)", job.id, type(exc).__name__)
     error, cancelled = failure_fields(job)
     detail = None
     if JobState(before) in TERMINAL_STATES:

@@ -32,6 +32,7 @@ from shared.events import (
     DISPATCH_LOCK_KEY,
     announce_job_finished,
     live_workers,
+    publish_job_state,
     request_cancel,
     settling_jobs,
     wait_for_wake,
@@ -124,6 +125,7 @@ class Dispatcher:
         for outcome in leases:
             if outcome.state == JobState.QUEUED:
                 report.requeued.append(outcome.job_id)
+                publish_job_state(self.redis, outcome.job_id, JobState.QUEUED.value)
             else:
                 report.failed.append(outcome.job_id)
                 report.ended.append((outcome.job_id, outcome.state.value))

@@ -29,16 +29,149 @@ def progress_key(job_id: str) -> str:
     return f"{_PREFIX}:job:{job_id}:progress"
 
 
+# Connections a process's Redis client opens at most. A burst of more concurrent
+# commands (hundreds of event streams opening at once) waits for a free one, up to
+# REDIS_POOL_WAIT_S, instead of failing at once as redis-py's default pool does.
+REDIS_POOL_SIZE: Final = 100
+REDIS_POOL_WAIT_S: Final = 10.0
+
+
 def make_redis(url: str) -> redis.Redis:
     """A Redis client with timeouts, so a stalled server cannot hang a request forever."""
-    return redis.Redis.from_url(
-        url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_POOL_SIZE,
+        timeout=REDIS_POOL_WAIT_S,
+        socket_timeout=10,
+        socket_connect_timeout=5,
+        health_check_interval=30,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 def announce_job_finished(client: redis.Redis, job_id: str, state: str) -> None:
-    """Tell waiters (the synchronous route) that a job reached a terminal state."""
-    client.publish(job_channel(job_id), state)
+    """Tell waiters (the synchronous route, event streams) that a job reached a terminal state."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.publish(job_channel(job_id), state)
+        _append_event(pipe, job_id, STATE_EVENT, {"state": state}, final=True)
+        pipe.execute()
+
+
+# ---------------------------------------------------------------- the progress stream
+#
+# Every event a job's stream serves is appended to a short Redis Stream per job (its
+# entry ids are the SSE event ids, so `Last-Event-ID` resumes exactly) and, in the same
+# script, published on ONE farm-wide channel that each API process reads with a single
+# subscription and fans out to its open streams. So an open stream costs its API process
+# a thread and a queue, never a Redis or database connection of its own.
+
+EVENTS_CHANNEL: Final = f"{_PREFIX}:job-events"
+STATE_EVENT: Final = "state"  # data {"state": JobState value}
+PROGRESS_EVENT: Final = "progress"  # data: the Progress fields
+# Entries kept per job (approximately: Redis trims whole nodes). Progress is throttled
+# (`progress_interval_s`), so this spans minutes of one render; a client further behind
+# resumes from a fresh status snapshot instead.
+EVENT_LOG_MAXLEN: Final = 1000
+EVENT_LOG_TTL_S: Final = 3600
+# Once a job ended its stream is answered from the database; the log lingers briefly.
+ENDED_EVENT_LOG_TTL_S: Final = 300
+
+_APPEND_SCRIPT: Final = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*',
+                      'kind', ARGV[2], 'data', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. id .. ' ' .. ARGV[2] .. ' ' .. ARGV[3])
+return id
+"""
+
+
+def event_log_key(job_id: str) -> str:
+    """The capped Redis Stream holding a job's recent events."""
+    return f"{_PREFIX}:job:{job_id}:events"
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One entry of a job's event log: its id (a Redis Stream entry id), kind and data."""
+
+    job_id: str
+    id: str
+    kind: str
+    data: dict[str, Any]
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """The id as a comparable pair."""
+        return event_position(self.id)
+
+
+def event_position(event_id: str) -> tuple[int, int]:
+    """A Redis Stream entry id ("ms-seq") as a comparable pair; ValueError if malformed."""
+    millis, _, seq = event_id.partition("-")
+    if not (millis.isdigit() and seq.isdigit()) or len(millis) > 20 or len(seq) > 20:
+        raise ValueError(f"not an event id: {event_id!r}")
+    return int(millis), int(seq)
+
+
+def _append_event(
+    pipe: Any, job_id: str, kind: str, data: dict[str, Any], final: bool = False
+) -> None:
+    """Queue, on a pipeline, the script that logs one event and publishes it."""
+    ttl = ENDED_EVENT_LOG_TTL_S if final else EVENT_LOG_TTL_S
+    payload = json.dumps(data, separators=(",", ":"))
+    args = [EVENT_LOG_MAXLEN, kind, payload, ttl, EVENTS_CHANNEL, job_id]
+    pipe.eval(_APPEND_SCRIPT, 1, event_log_key(job_id), *args)
+
+
+def publish_job_state(
+    client: redis.Redis, job_id: str, state: str, progress: Progress | None = None
+) -> None:
+    """Log and publish a live job's new state: RUNNING, or QUEUED again (ends: announce)."""
+    data: dict[str, Any] = {"state": state}
+    if progress is not None:
+        data["progress"] = asdict(progress)
+    with client.pipeline(transaction=False) as pipe:
+        _append_event(pipe, job_id, STATE_EVENT, data)
+        pipe.execute()
+
+
+def parse_published_event(message: bytes) -> JobEvent:
+    """A message of `EVENTS_CHANNEL` as the event it announces."""
+    job_id, event_id, kind, data = message.decode().split(" ", 3)
+    return JobEvent(job_id, event_id, kind, json.loads(data))
+
+
+def _entry(job_id: str, entry: Any) -> JobEvent:
+    entry_id, fields = entry
+    return JobEvent(
+        job_id, entry_id.decode(), fields[b"kind"].decode(), json.loads(fields[b"data"])
+    )
+
+
+def read_events_after(client: redis.Redis, job_id: str, after: str) -> list[JobEvent]:
+    """The logged events of a job after `after` ("0-0": all), oldest first."""
+    entries: Any = client.xrange(event_log_key(job_id), min=f"({after}", max="+")
+    return [_entry(job_id, entry) for entry in entries]
+
+
+def read_events_from(client: redis.Redis, job_id: str, start: str) -> list[JobEvent] | None:
+    """The logged events after `start`, or None if `start` is no longer (or never was) logged.
+
+    One round trip: the range starts at `start` itself, which must come back first.
+    """
+    if start == "0-0":
+        return read_events_after(client, job_id, start)
+    entries: Any = client.xrange(event_log_key(job_id), min=start, max="+")
+    events = [_entry(job_id, entry) for entry in entries]
+    if not events or events[0].id != start:
+        return None
+    return events[1:]
+
+
+def last_event_id(client: redis.Redis, job_id: str) -> str:
+    """The id of a job's newest logged event ("0-0" when none)."""
+    entries: Any = client.xrevrange(event_log_key(job_id), max="+", min="-", count=1)
+    return entries[0][0].decode() if entries else "0-0"
 
 
 def wait_for_job(
@@ -92,6 +225,16 @@ def write_progress(client: redis.Redis, job_id: str, progress: Progress) -> None
     key = progress_key(job_id)
     client.hset(key, mapping={k: str(v) for k, v in asdict(progress).items()})
     client.expire(key, PROGRESS_TTL_S)
+
+
+def publish_progress(client: redis.Redis, job_id: str, progress: Progress) -> None:
+    """Store a job's progress for the status route and publish it to its streams (one trip)."""
+    fields = asdict(progress)
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hset(progress_key(job_id), mapping={k: str(v) for k, v in fields.items()})
+        pipe.expire(progress_key(job_id), PROGRESS_TTL_S)
+        _append_event(pipe, job_id, PROGRESS_EVENT, fields)
+        pipe.execute()
 
 
 def read_progress(client: redis.Redis, job_id: str) -> Progress | None:

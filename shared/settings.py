@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     # Monitoring: GET /metrics asks for this bearer token when set (else it is open).
     metrics_token: SecretStr | None = None
 
+    # Progress stream: event streams one API process serves (each holds one of its threads,
+    # on top of --threads), the keep-alive comment's period, and how often an open stream
+    # re-reads its job's row (queue position; an end that Redis never announced).
+    stream_max_per_process: int = Field(default=1000, ge=1, le=20000)
+    stream_heartbeat_s: float = Field(default=15.0, gt=0)
+    stream_recheck_s: float = Field(default=30.0, gt=0)
+
     # Idempotency: how long an `Idempotency-Key` names its request (then it is new again).
     idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
 

@@ -36,9 +36,10 @@ from shared.events import (
     announce_job_finished,
     count_settling,
     is_cancel_requested,
+    publish_job_state,
+    publish_progress,
     record_render_speed,
     wake_dispatcher,
-    write_progress,
 )
 from shared.imaging import encode_image
 from shared.metrics import (
@@ -380,7 +381,8 @@ class _ProgressReporter:
                     updated_at=time.time(),
                 )
             try:
-                write_progress(self._context.redis, self._spec.job_id, progress)
+                # Also the job's event stream's `progress` events (same throttle).
+                publish_progress(self._context.redis, self._spec.job_id, progress)
             except redis.RedisError as exc:
                 # Progress is a courtesy; a Redis outage must not fail the render.
                 log.warning(
@@ -489,6 +491,7 @@ def start_render_job(context: WorkerContext, job_id: str) -> JobRun | None:
     )
     run = JobRun(context, spec, facts)
     run.lease.start()
+    _announce_started(context, spec)
     if spec.attempt == 1 and facts is not None:  # a job's first start: its wait in the queue
         record(context.redis, QueueWait(spec.tenant_id, facts.queue_wait_s))
     end: _JobEnd | None
@@ -698,6 +701,23 @@ def _announce_settled(context: WorkerContext, job_id: str, state: str) -> None:
     except redis.RedisError as exc:
         # Waiters fall back to reading the job row; nothing is lost.
         log.warning("job %s: end not announced (%s)", job_id, type(exc).__name__)
+
+
+def _announce_started(context: WorkerContext, spec: RenderSpec) -> None:
+    """Tell the job's event streams it is PROCESSING (after the claim's commit)."""
+    progress = Progress(
+        attempt=spec.attempt,
+        step=0,
+        steps=spec.params.steps,
+        images_done=len(spec.delivered),
+        images=spec.params.number_of_images,
+        updated_at=time.time(),
+    )
+    try:
+        publish_job_state(context.redis, spec.job_id, JobState.RUNNING.value, progress)
+    except redis.RedisError as exc:
+        # Streams re-read the job's row now and then; the render goes on.
+        log.warning("job %s: start not announced (%s)", spec.job_id, type(exc).__name__)
 
 
 def _record_speed(context: WorkerContext, spec: RenderSpec, images: int, seconds: float) -> None:
