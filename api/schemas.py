@@ -73,6 +73,11 @@ class Output(BaseModel):
     index: int = Field(ge=0)
     seed: int = Field(ge=0)
     generation: dict[str, Any] | None = Field(description="The record embedded in the image.")
+    cached: bool = Field(
+        default=False,
+        description="Answered from the result cache (an identical image the farm already "
+        "held), not rendered for this request.",
+    )
 
 
 class Metrics(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +37,12 @@ class ResultStorage(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove the object if present."""
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        """Store a copy of `src_key` under `dst_key`, all or nothing; ObjectMissing if absent.
+
+        The copy lives on when the source is deleted, and the other way round.
+        """
 
     def presigned_url(self, key: str, expires_s: int) -> str | None:
         """A URL serving the object without credentials until it expires, or None.
@@ -82,6 +89,30 @@ class LocalStorage:
     def delete(self, key: str) -> None:
         """Remove the file if present."""
         self._path(key).unlink(missing_ok=True)
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        """A hard link under a temp name renamed into place: no bytes copied, atomic.
+
+        Deleting either name leaves the other; objects are never changed in place
+        (`put` renames a new file over the old name). Where links are refused (another
+        file system), the bytes are copied.
+        """
+        source = self._path(src_key)
+        path = self._path(dst_key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".tmp-link-{os.getpid()}-{secrets.token_hex(8)}"
+        try:
+            os.link(source, tmp)
+        except FileNotFoundError:
+            raise ObjectMissing(src_key) from None
+        except OSError:
+            self.put(dst_key, self.get(src_key), "")
+            return
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def presigned_url(self, key: str, expires_s: int) -> str | None:
         """Local files have no URL of their own; the API serves them through signed links."""
@@ -149,6 +180,22 @@ class S3Storage:
     def delete(self, key: str) -> None:
         """Delete the object (S3 answers success for a missing one too)."""
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        """A server-side copy (CopyObject): the bytes never leave the store."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.copy_object(
+                Bucket=self.bucket,
+                Key=self._key(dst_key),
+                CopySource={"Bucket": self.bucket, "Key": self._key(src_key)},
+                MetadataDirective="COPY",
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise ObjectMissing(src_key) from None
+            raise
 
     def presigned_url(self, key: str, expires_s: int) -> str | None:
         """A SigV4 presigned GET URL, valid for `expires_s` seconds."""

@@ -28,6 +28,7 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from shared.accounts import Principal
+from shared.cache import CacheHit, cached_price
 from shared.errors import StaleAttempt, TooManyJobs
 from shared.fairshare import QueuedJob
 from shared.ledger import capture_image_credit, hold_credits, release_hold
@@ -144,13 +145,20 @@ def submit_job(
     max_live_jobs: int | None = None,
     deadline: timedelta | None = None,
     retention: timedelta | None = None,
+    cached: CacheHit | None = None,
 ) -> Job:
     """Record a QUEUED job at the end of its user's line and hold its full price.
 
+    With `cached` (its images already copied from the result cache), the job is
+    COMPLETED at once instead, charged the cache's fraction of the price.
     NotEnoughCredits or TooManyJobs roll the caller's transaction back, so a
     refused request leaves nothing behind.
     """
     line = lock_line(session, principal.user_id)
+    if cached is not None:
+        return _complete_from_cache(
+            session, line, principal, params, cached, reference_price, retention
+        )
     if max_live_jobs is not None and line.waiting + line.in_flight >= max_live_jobs:
         raise TooManyJobs(
             f"You have {max_live_jobs} requests queued or running, the most allowed; "
@@ -159,9 +167,7 @@ def submit_job(
         )
     unit_price = price_per_image(params.width, params.height, params.steps, reference_price)
     now = utcnow()
-    created_at = now
-    if line.last_created_at is not None and created_at <= line.last_created_at:
-        created_at = line.last_created_at + _TICK
+    created_at = _created_at(line, now)
     job = Job(
         id=new_job_id(),
         tenant_id=principal.tenant_id,
@@ -184,6 +190,74 @@ def submit_job(
     line.waiting_work += job.work
     line.last_created_at = created_at
     line.ends_moved = True
+    save_line(session, line)
+    return job
+
+
+def _created_at(line: Line, now: datetime) -> datetime:
+    """A submission time after the user's previous one, whatever the hosts' clocks do."""
+    created_at = now
+    if line.last_created_at is not None and created_at <= line.last_created_at:
+        created_at = line.last_created_at + _TICK
+    return created_at
+
+
+def _complete_from_cache(
+    session: Session,
+    line: Line,
+    principal: Principal,
+    params: KolorsParams,
+    cached: CacheHit,
+    reference_price: Decimal,
+    retention: timedelta | None,
+) -> Job:
+    """Record a job answered from the result cache: COMPLETED, its copies recorded as cached.
+
+    It never enters the line; its price (the cache's fraction) is held and captured
+    image by image as a rendered job's is, so the ledger reads the same; a free hit
+    writes no ledger entry.
+    """
+    full_price = price_per_image(params.width, params.height, params.steps, reference_price)
+    unit_price = cached_price(full_price, cached.price_fraction)
+    now = utcnow()
+    created_at = _created_at(line, now)
+    job = Job(
+        id=cached.job_id,
+        tenant_id=principal.tenant_id,
+        user_id=principal.user_id,
+        state=JobState.COMPLETED.value,
+        params=params.render_fields(),
+        seed=params.seed,
+        number_of_images=params.number_of_images,
+        images_done=params.number_of_images,
+        price_per_image=unit_price,
+        created_at=created_at,
+        started_at=created_at,
+        finished_at=created_at,
+        expires_at=now + retention if retention is not None else None,
+        work=pixel_steps(params),
+    )
+    session.add(job)
+    session.flush()
+    if unit_price > 0:
+        hold_credits(session, principal.user_id, job.id, unit_price * params.number_of_images)
+    for index, (image, key) in enumerate(zip(cached.images, cached.storage_keys, strict=True)):
+        session.add(
+            JobImage(
+                job_id=job.id,
+                index=index,
+                seed=image.seed,
+                storage_key=key,
+                content_type=image.content_type,
+                size_bytes=image.size_bytes,
+                attempt=0,
+                generation=image.generation,
+                cached=True,
+            )
+        )
+        if unit_price > 0:
+            capture_image_credit(session, principal.user_id, job.id, unit_price)
+    line.last_created_at = created_at
     save_line(session, line)
     return job
 
@@ -304,8 +378,11 @@ def record_image(
     generation: dict[str, Any] | None = None,
     finish: bool = False,
     stopped_because: str | None = None,
+    cache_key: str | None = None,
 ) -> JobState | None:
     """Record one stored image and capture its price; StaleAttempt if the claim was lost.
+
+    `cache_key` (shared.cache) lets an identical request be answered with this image.
 
     With `finish`, the job also ends in the same transaction (its last image): one
     commit instead of two. Returns the state it ended in, else None.
@@ -330,6 +407,7 @@ def record_image(
             size_bytes=size_bytes,
             attempt=attempt,
             generation=generation,
+            cache_key=cache_key,
         )
     )
     capture_image_credit(session, row.user_id, job_id, row.price_per_image)
@@ -527,11 +605,18 @@ def enforce_deadlines(session: Session, limit: int = 500) -> DeadlineOutcome:
 
 
 def mark_results_deleted(session: Session, job_id: str) -> None:
-    """Record that a job's stored results are gone."""
+    """Record that a job's stored results are gone (and no longer answer the result cache)."""
     session.execute(
         update(Job)
         .where(Job.id == job_id, Job.results_deleted_at.is_(None))
         .values(results_deleted_at=utcnow())
+    )
+    # The cache index then holds retained images only, so a lookup never wades through
+    # the keys of images long deleted.
+    session.execute(
+        update(JobImage)
+        .where(JobImage.job_id == job_id, JobImage.cache_key.is_not(None))
+        .values(cache_key=None)
     )
 
 

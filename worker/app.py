@@ -11,6 +11,7 @@ from typing import Any
 
 from celery import Celery
 
+from shared.cache import FINGERPRINT_FIELD
 from shared.events import forget_worker, record_heartbeat, reset_settling
 from shared.queue import RENDER_QUEUE, RENDER_TASK, make_celery
 from shared.resources import open_resources
@@ -52,6 +53,8 @@ def heartbeat_loop(context: WorkerContext, stop: threading.Event) -> None:
     static = {
         "device": str(context.renderer.device),
         "model": context.renderer.model_id,
+        # The result cache looks up only while every live worker names the same one.
+        FINGERPRINT_FIELD: context.renderer.render_fingerprint,
         "pid": os.getpid(),
         "host": socket.gethostname(),
     }

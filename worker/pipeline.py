@@ -16,6 +16,7 @@ import torch
 from diffusers.pipelines.kolors.pipeline_kolors import KolorsPipeline
 from PIL import Image
 
+from shared.cache import render_fingerprint
 from shared.params import SCHEDULERS, KolorsParams
 from shared.settings import Settings
 from worker.memory import MemoryModel, images_per_call
@@ -120,6 +121,8 @@ class KolorsRenderer:
         self.versions = library_versions()
         self.warm = False
         self.vae_tiling_above_pixels = 0  # 0: never tile
+        # Settings that change the numerics, hence the pixels (see render_fingerprint).
+        self.numeric_options: dict[str, Any] = {}
         self._scheduler_config = dict(pipe.scheduler.config)
         self._schedulers: dict[str, Any] = {}
         pipe.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
@@ -159,7 +162,28 @@ class KolorsRenderer:
         fingerprint = weights_index_sha256(folder) if folder is not None else None
         renderer = cls(pipe, device, settings.model, fingerprint)
         renderer.vae_tiling_above_pixels = settings.vae_tiling_above_pixels
+        renderer.numeric_options = {
+            "channels_last": settings.channels_last,
+            "compile_unet": settings.compile_unet,
+        }
         return renderer
+
+    @property
+    def render_fingerprint(self) -> str | None:
+        """What decides this worker's pixels beside the request (the result cache's key part).
+
+        None when the weights could not be fingerprinted: its images are not cached.
+        """
+        if self.weights_sha256 is None:
+            return None
+        return render_fingerprint(
+            self.weights_sha256,
+            self.versions,
+            device_type=self.device.type,
+            dtype=str(self.pipe.dtype).removeprefix("torch."),
+            options=self.numeric_options
+            | {"vae_tiling_above_pixels": self.vae_tiling_above_pixels},
+        )
 
     def warm_up(self) -> float:
         """Render one small throwaway image so no user pays for first-call costs; seconds."""
