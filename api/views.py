@@ -37,6 +37,14 @@ from api.spec import (
     operation,
     respond,
 )
+from shared.cache import (
+    CacheHit,
+    copy_cached_images,
+    discarded_on_error,
+    find_cached_images,
+    fleet_fingerprint,
+    image_cache_keys,
+)
 from shared.db import read_only, transaction
 from shared.errors import InvalidLink, InvalidParams
 from shared.events import (
@@ -65,9 +73,15 @@ from shared.idempotency import (
 )
 from shared.ledger import get_balance
 from shared.links import ImageLink, sign_image_link, signing_key, verify_image_link
-from shared.metrics import RequestFinished, RequestSubmitted, record
+from shared.metrics import (
+    ImageRecorded,
+    MetricEvent,
+    RequestFinished,
+    RequestSubmitted,
+    record,
+)
 from shared.models import TERMINAL_STATES, Job, JobImage, JobState, utcnow
-from shared.params import CONTENT_TYPES, KolorsParams, parse_params
+from shared.params import CONTENT_TYPES, RANDOM_SEED, KolorsParams, parse_params
 from shared.pricing import format_credits
 from shared.queries import (
     ensure_results_retained,
@@ -79,7 +93,7 @@ from shared.queries import (
     queue_place,
 )
 from shared.settings import Settings
-from shared.transitions import cancel_job, submit_job
+from shared.transitions import cancel_job, image_storage_key, new_job_id, submit_job
 
 log = logging.getLogger(__name__)
 bp = Blueprint("kolors", __name__)
@@ -199,7 +213,8 @@ def _submit(params: KolorsParams, claimed: Claimed | None = None) -> Job:
     context = farm()
     deadline = _deadline()
     retention = _retention()
-    with transaction(context.sessions) as session:
+    hit = _cache_hit(params)
+    with discarded_on_error(context.storage, hit), transaction(context.sessions) as session:
         job = submit_job(
             session,
             current_principal(),
@@ -208,10 +223,13 @@ def _submit(params: KolorsParams, claimed: Claimed | None = None) -> Job:
             max_live_jobs=context.settings.max_queued_per_user,
             deadline=deadline,
             retention=retention,
+            cached=hit,
         )
         if claimed is not None:
             attach_job(session, claimed, job.id)
         g.balance = get_balance(session, current_principal().user_id)
+    if hit is not None:
+        return _answered_from_cache(job)
     try:
         wake_dispatcher(context.redis)
     except redis.RedisError as exc:
@@ -260,6 +278,65 @@ def _submit_once(route: str, params: KolorsParams) -> Job:
             # Taken over once stale (a minute), so a retry succeeds even so.
             log.warning("idempotency claim not released (%s)", type(exc).__name__)
         raise
+
+
+def _cache_hit(params: KolorsParams) -> CacheHit | None:
+    """The request's images copied from the result cache for a new job; None: render it.
+
+    Only while every live worker names one render fingerprint, for a fixed seed, and
+    when every image hits; a miss costs one indexed read.
+    """
+    context = farm()
+    settings = context.settings
+    if not settings.cache or params.seed == RANDOM_SEED:
+        return None  # a random seed practically never repeats: no lookup at all
+    try:
+        fingerprint = fleet_fingerprint(live_workers(context.redis))
+    except redis.RedisError:
+        return None
+    if fingerprint is None:
+        return None
+    principal = current_principal()
+    keys = image_cache_keys(params, params.seed, fingerprint)
+    tenant = principal.tenant_id if settings.cache_scope == "tenant" else None
+    with read_only(context.sessions) as session:
+        found = find_cached_images(session, keys, tenant)
+    if len(found) < len(keys):
+        return None
+    job_id = new_job_id()
+    destinations = [
+        image_storage_key(principal.tenant_id, job_id, index, params.output_format)
+        for index in range(len(keys))
+    ]
+    try:
+        return copy_cached_images(
+            context.storage,
+            job_id,
+            [found[key] for key in keys],
+            destinations,
+            settings.cache_price_fraction,
+        )
+    except Exception as exc:
+        # A source deleted meanwhile (retention cleanup), or storage trouble: render it.
+        log.warning("result cache copy failed (%s); rendering instead", type(exc).__name__)
+        return None
+
+
+def _answered_from_cache(job: Job) -> Job:
+    """Count and announce a request that ended COMPLETED at submission."""
+    context = farm()
+    events: list[MetricEvent] = [
+        RequestSubmitted(job.tenant_id),
+        RequestFinished(job.tenant_id, job.state),
+    ]
+    events += [ImageRecorded(job.tenant_id, job.price_per_image)] * job.number_of_images
+    record(context.redis, *events)
+    try:
+        announce_job_finished(context.redis, job.id, job.state)
+    except redis.RedisError as exc:
+        log.warning("job %s: end not announced (%s)", job.id, type(exc).__name__)
+    log.info("job %s answered from the result cache", job.id)
+    return job
 
 
 def external_url(endpoint: str, **values: Any) -> str:
@@ -532,6 +609,7 @@ def job_result(job_id: str) -> Response:
                 index=image.index,
                 seed=image.seed,
                 generation=image.generation,
+                cached=image.cached,
             )
             for link, image in zip(links, job.images, strict=True)
         ],

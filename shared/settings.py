@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -69,6 +70,15 @@ class Settings(BaseSettings):
 
     # Credits: the price of one 1024x1024 image at 25 steps, in credits.
     price_per_image: Decimal = Field(default=Decimal("1"), ge=0)
+
+    # Result cache: identical requests answered from retained images (see shared/cache.py).
+    cache: bool = Field(default=True, description="Answer identical requests from storage.")
+    cache_scope: Literal["tenant", "farm"] = Field(
+        default="tenant", description="Whose images may answer: the tenant's own, or anyone's."
+    )
+    cache_price_fraction: Decimal = Field(
+        default=Decimal("0"), ge=0, le=1, description="A cached image's share of the price."
+    )
 
     # Monitoring: GET /metrics asks for this bearer token when set (else it is open).
     metrics_token: SecretStr | None = None

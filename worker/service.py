@@ -29,6 +29,7 @@ from PIL import Image
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.cache import cache_key
 from shared.db import transaction
 from shared.errors import StaleAttempt
 from shared.events import (
@@ -638,6 +639,8 @@ def _store_and_record(context: WorkerContext, item: _RenderedImage) -> None:
     key = image_storage_key(spec.tenant_id, spec.job_id, item.index, params.output_format)
     # Stored before it is recorded: a recorded image always exists.
     context.storage.put(key, data, content_type)
+    fingerprint = context.renderer.render_fingerprint
+    image_key = cache_key(params, seed, fingerprint) if fingerprint is not None else None
     state = _with_db_retry(
         context,
         partial(
@@ -652,6 +655,7 @@ def _store_and_record(context: WorkerContext, item: _RenderedImage) -> None:
             generation=item.record,
             finish=item.finish,
             stopped_because=item.stopped_because,
+            cache_key=image_key,
         ),
     )
     if run.facts is not None:
