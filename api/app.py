@@ -16,6 +16,7 @@ from api.metrics import bp as metrics_bp
 from api.openapi import bp as openapi_bp
 from api.stream import bp as stream_bp
 from api.views import bp
+from api.webhooks import bp as webhooks_bp
 from shared.resources import open_resources
 from shared.settings import Settings
 
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(metrics_bp)
     app.register_blueprint(admin_bp)
     app.register_blueprint(console_bp)
+    app.register_blueprint(webhooks_bp)
     app.register_blueprint(stream_bp)
     app.after_request(add_remaining_credits)
     register_error_handlers(app)

@@ -51,7 +51,7 @@ SECURITY_HEADERS: Final = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 # Parameters of the synchronous route only; the console renders asynchronously.
-_NOT_IN_FORM: Final = frozenset({"base64"})
+_NOT_IN_FORM: Final = frozenset({"base64", "webhook", "webhook_events_filter"})
 _TEXTAREAS: Final = frozenset({"prompt", "negative_prompt"})
 
 

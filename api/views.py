@@ -94,6 +94,7 @@ from shared.queries import (
 )
 from shared.settings import Settings
 from shared.transitions import cancel_job, image_storage_key, new_job_id, submit_job
+from shared.webhook_urls import check_webhook
 
 log = logging.getLogger(__name__)
 bp = Blueprint("kolors", __name__)
@@ -173,7 +174,10 @@ def _request_fields() -> dict[str, Any]:
         if not isinstance(body, dict):
             raise InvalidParams.single("body", "json_object", "must be a JSON object")
         return body
-    return request.form.to_dict(flat=True)
+    fields: dict[str, Any] = request.form.to_dict(flat=True)
+    if len(events := request.form.getlist("webhook_events_filter")) > 1:
+        fields["webhook_events_filter"] = events  # repeated form fields: every event
+    return fields
 
 
 def _seconds_header(name: str, low: float, high: float, low_inclusive: bool) -> timedelta | None:
@@ -242,6 +246,7 @@ def _submit(params: KolorsParams, claimed: Claimed | None = None) -> Job:
 
 def _submit_once(route: str, params: KolorsParams) -> Job:
     """Submit, or with an `Idempotency-Key` seen before, find the request it created."""
+    check_webhook(params.webhook, farm().settings)  # before anything is written
     key = check_key(request.headers.getlist(IDEMPOTENCY_HEADER))
     if key is None:
         return _submit(params)

@@ -563,3 +563,43 @@ def requests_cancel(request_id: str, as_json: bool, url: str, api_key: str | Non
     from control.client import cancel_command
 
     sys.exit(cancel_command(url, _require_key(api_key), request_id, as_json))
+
+
+@main.group()
+def webhooks() -> None:
+    """Webhooks: tenants' signing secrets and the delivery worker."""
+
+
+@webhooks.command("secret")
+@click.argument("tenant")
+def webhooks_secret(tenant: str) -> None:
+    """Print TENANT's webhook signing secret alone on the last line (created if missing)."""
+    from shared.webhooks import tenant_secret_by_name
+
+    secret = _with_session(lambda session: tenant_secret_by_name(session, tenant))
+    click.echo(f"webhook signing secret of tenant {tenant!r} (verify with Standard Webhooks):")
+    click.echo(secret)
+
+
+@webhooks.command("rotate")
+@click.argument("tenant")
+def webhooks_rotate(tenant: str) -> None:
+    """Replace TENANT's secret; the old one keeps signing for 24 hours. Prints the new one last."""
+    from shared.webhooks import rotate_secret
+
+    secret = _with_session(lambda session: rotate_secret(session, tenant))
+    click.echo(
+        f"rotated the webhook secret of tenant {tenant!r}; deliveries carry both signatures "
+        "for 24 hours. The new secret:"
+    )
+    click.echo(secret)
+
+
+@webhooks.command("worker")
+@click.option("--name", default=None, help="Celery node name (default: webhooks-<pid>@<host>).")
+def webhooks_worker(name: str | None) -> None:
+    """Deliver webhooks (their own queue, no GPU) and sweep the outbox for due deliveries."""
+    from control.deliveries import run_delivery_worker
+
+    _configure_logging()
+    sys.exit(run_delivery_worker(_settings(), name))

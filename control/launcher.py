@@ -1,7 +1,8 @@
 """`kolors-farm up`: the whole farm on one machine, supervised.
 
 Migrations, then a private Redis (unless one is configured), one worker per
-device, the dispatcher and the API, each a child process. A child that dies is
+device, the dispatcher, the webhook delivery worker and the API, each a child
+process. A child that dies is
 restarted with backoff (see control/processes.py), so a CUDA crash costs one
 worker restart, not the service; the farm stops on Ctrl-C or SIGTERM, or when a
 child keeps dying soon after it starts.
@@ -124,11 +125,18 @@ def _wait_ready(
 def farm_specs(
     settings: Settings, host: str, port: int, cpu_workers: int, env: dict[str, str]
 ) -> list[ChildSpec]:
-    """The children of `up` in start order: workers, the dispatcher, then the API."""
+    """The children of `up` in start order: workers, the dispatcher, webhooks, then the API."""
     plan = worker_plan(visible_cuda_devices(), cpu_workers, socket.gethostname())
+    # Webhook bodies carry absolute image links: under the API's address when no public
+    # base is configured.
+    api_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
+    webhook_env = (
+        env if settings.public_base_url else env | {"KOLORS_FARM_PUBLIC_BASE_URL": api_url}
+    )
     return [
         *worker_specs(plan, env),
         ChildSpec("dispatcher", [sys.executable, "-m", "control", "dispatcher"], env),
+        ChildSpec("webhooks", [sys.executable, "-m", "control", "webhooks", "worker"], webhook_env),
         ChildSpec("api", [sys.executable, "-m", "api", "--host", host, "--port", str(port)], env),
     ]
 

@@ -10,8 +10,10 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from shared.errors import FieldProblem, InvalidParams
+from shared.webhook_urls import WebhookRefused, check_url_syntax
 
 MAX_SEED: Final = 2**32 - 1
 RANDOM_SEED: Final = -1
@@ -52,6 +54,15 @@ OUTPUT_FORMATS: Final = ("webp", "jpeg", "png")
 CONTENT_TYPES: Final = {"webp": "image/webp", "jpeg": "image/jpeg", "png": "image/png"}
 EXTENSIONS: Final = {"webp": "webp", "jpeg": "jpg", "png": "png"}
 
+WebhookEvent = Literal["start", "completed"]
+# Fields that shape the answer or its notifications, not the image.
+NOT_RENDERING_INPUTS: Final = frozenset({"base64", "webhook", "webhook_events_filter"})
+
+
+def _default_events() -> list[WebhookEvent]:
+    return ["completed"]
+
+
 Dimension = Annotated[int, Field(ge=512, le=2048, multiple_of=8)]
 
 
@@ -86,6 +97,20 @@ class KolorsParams(BaseModel):
         default=False,
         description="POST /v1/kolors only: answer JSON with every image in base64.",
     )
+    webhook: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="Farm extension (Replicate's name): an http(s) URL to POST the request's "
+        "events to, signed per Standard Webhooks. Hosts that resolve to loopback, private, "
+        "link-local or metadata addresses are refused unless the operator allows them.",
+    )
+    webhook_events_filter: list[WebhookEvent] = Field(
+        default_factory=_default_events,
+        min_length=1,
+        max_length=2,
+        description='Which events to send: "start", "completed" (default ["completed"]); '
+        "form data may repeat the field or separate names with commas.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -111,6 +136,29 @@ class KolorsParams(BaseModel):
             raise ValueError("must be a number, not a boolean")
         return value
 
+    @field_validator("webhook")
+    @classmethod
+    def _webhook_is_http(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check_url_syntax(value)
+        except WebhookRefused as exc:
+            raise PydanticCustomError(exc.rule, exc.message) from None
+
+    @field_validator("webhook_events_filter", mode="before")
+    @classmethod
+    def _events_from_text(cls, value: Any) -> Any:
+        # Form data carries one string: "start,completed".
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_events_filter")
+    @classmethod
+    def _events_once(cls, value: list[str]) -> list[str]:
+        return [event for event in ("start", "completed") if event in value]
+
     @field_validator("output_format", mode="before")
     @classmethod
     def _jpg_is_jpeg(cls, value: Any) -> Any:
@@ -122,8 +170,8 @@ class KolorsParams(BaseModel):
         return (base_seed + index) % (MAX_SEED + 1)
 
     def render_fields(self) -> dict[str, Any]:
-        """The parameters a job stores (everything but response-shape flags)."""
-        return self.model_dump(exclude={"base64"})
+        """The parameters a job stores: rendering inputs (no response flags, no webhook)."""
+        return self.model_dump(exclude=set(NOT_RENDERING_INPUTS))
 
 
 _RULE_MESSAGES: Final = {
@@ -152,6 +200,8 @@ def _allowed(field: str) -> tuple[str, ...]:
         return SCHEDULERS
     if field == "output_format":
         return (*OUTPUT_FORMATS, "jpg")
+    if field.startswith("webhook_events_filter"):
+        return ("start", "completed")
     return ()
 
 

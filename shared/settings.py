@@ -93,6 +93,19 @@ class Settings(BaseSettings):
     # Idempotency: how long an `Idempotency-Key` names its request (then it is new again).
     idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
 
+    # Webhooks: retry schedule (comma-separated seconds), networks allowed despite the
+    # private-address guard (comma-separated CIDRs), and the delivery worker's knobs.
+    webhook_backoff_s: str = Field(
+        default="5,300,1800,7200,18000,36000,36000", pattern=r"^\s*[0-9.]+(\s*,\s*[0-9.]+)*\s*$"
+    )
+    webhook_allow_nets: str = ""
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    webhook_lease_s: float = Field(
+        default=60.0, gt=0, description="A claimed delivery is swept again after this."
+    )
+    webhook_sweep_interval_s: float = Field(default=1.0, gt=0, le=60)
+    webhook_concurrency: int = Field(default=8, ge=1, le=256)
+
     @field_validator("data_dir")
     @classmethod
     def _absolute_data_dir(cls, value: Path) -> Path:

@@ -53,6 +53,7 @@ from shared.queries import (
     next_in_fair_order,
     past_deadline,
 )
+from shared.webhooks import COMPLETED, START, add_delivery, webhook_fields
 
 DEADLINE_ERROR: Final = "The request's deadline passed; undelivered images were not charged"
 CANCELLED_ERROR: Final = "Cancelled by the user"
@@ -118,10 +119,20 @@ def _end_job(
         update(Job)
         .where(Job.id == job_id, Job.state.in_(_LIVE), *conditions)
         .values(finished_at=utcnow(), lease_expires_at=None, **values)
-        .returning(Job.released_at, Job.queue_seq, Job.work, Job.state)
+        .returning(
+            Job.released_at,
+            Job.queue_seq,
+            Job.work,
+            Job.state,
+            Job.tenant_id,
+            Job.webhook_url,
+            Job.webhook_events,
+        )
     ).first()
     if row is None:
         return None
+    # The outbox row commits with the end itself: no crash can lose the event.
+    add_delivery(session, job_id, row.tenant_id, row.webhook_url, row.webhook_events, COMPLETED)
     if row.released_at is None:
         leave_line(session, line, job_id, row.queue_seq, row.work)
     else:
@@ -182,6 +193,7 @@ def submit_job(
         expires_at=now + retention if retention is not None else None,
         queue_seq=line.head_seq + line.waiting,
         work=pixel_steps(params),
+        **webhook_fields(params),
     )
     session.add(job)
     session.flush()
@@ -332,10 +344,21 @@ def claim_job(session: Session, job_id: str, worker: str, lease: timedelta) -> R
             started_at=func.coalesce(Job.started_at, now),
             lease_expires_at=now + lease,
         )
-        .returning(Job.attempt, Job.user_id, Job.tenant_id, Job.params, Job.seed, Job.deadline_at)
+        .returning(
+            Job.attempt,
+            Job.user_id,
+            Job.tenant_id,
+            Job.params,
+            Job.seed,
+            Job.deadline_at,
+            Job.webhook_url,
+            Job.webhook_events,
+        )
     ).first()
     if row is None:
         return None
+    if row.attempt == 1:  # the first claim starts the job; a retry is not a new start
+        add_delivery(session, job_id, row.tenant_id, row.webhook_url, row.webhook_events, START)
     delivered: frozenset[int] = frozenset()
     if row.attempt > 1:  # only an earlier attempt can have delivered images
         delivered = frozenset(
