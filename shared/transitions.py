@@ -248,9 +248,13 @@ def _complete_from_cache(
         finished_at=created_at,
         expires_at=now + retention if retention is not None else None,
         work=pixel_steps(params),
+        **webhook_fields(params),
     )
     session.add(job)
     session.flush()
+    # It starts and ends here: each event the request asked for, in order.
+    for event in (START, COMPLETED):
+        add_delivery(session, job.id, job.tenant_id, job.webhook_url, job.webhook_events, event)
     if unit_price > 0:
         hold_credits(session, principal.user_id, job.id, unit_price * params.number_of_images)
     for index, (image, key) in enumerate(zip(cached.images, cached.storage_keys, strict=True)):

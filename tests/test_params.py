@@ -31,6 +31,9 @@ def test_defaults_match_segmind() -> None:
         "output_quality": 80,
         "number_of_images": 1,
         "base64": False,
+        # Farm extensions (Replicate's names), not rendering inputs.
+        "webhook": None,
+        "webhook_events_filter": ["completed"],
     }
 
 

@@ -21,7 +21,7 @@ from standardwebhooks.webhooks import Webhook
 from api.schemas import JobResult
 from control.launcher import RedisServer
 from tests.processes import FarmProcesses, farm_env, wait_for
-from tests.webhook_receiver import Receiver, running_receiver, start, stop
+from tests.webhook_receiver import Receiver, running_receiver
 
 WEBHOOK_WORKER = "webhooks"
 # A random seed each: no request is answered from the result cache (never rendered).
@@ -239,3 +239,25 @@ def test_after_a_rotation_both_secrets_verify(farm: Farm) -> None:
     for secret in (old, new):
         assert Webhook(secret).verify(got.body, got.headers)["request_id"] == job_id
     assert json.loads(got.body)["status"] == "COMPLETED"
+
+
+def test_a_request_answered_from_the_cache_sends_its_events(farm: Farm) -> None:
+    same = {"seed": 4242, "prompt": "a cached lighthouse"}
+    first = farm.submit(**same)
+    wait_for(
+        lambda: farm.get(f"/v2/requests/{first}/status").json()["status"] == "COMPLETED",
+        60,
+        "the first render",
+    )
+    hit = farm.submit(
+        **same, webhook=farm.receiver.url("/cached"), webhook_events_filter=["start", "completed"]
+    )
+    farm.wait_state(hit, "start", "delivered")
+    farm.wait_state(hit, "completed", "delivered")
+    body = next(
+        body
+        for index in range(len(farm.receiver.at("/cached")))
+        if "outputs" in (body := _verified(farm, "/cached", index))
+    )
+    assert body["request_id"] == hit and body["status"] == "COMPLETED"
+    assert [output["cached"] for output in body["outputs"]] == [True]
