@@ -103,6 +103,14 @@ LAST_EVENT_ID = HeaderParameter(
 
 # ---------------------------------------------------------------- the fan-out hub
 
+_HUBS: list[EventHub] = []  # this process's (one per app)
+
+
+def close_streams() -> None:
+    """End this process's open streams (gunicorn is stopping the worker)."""
+    for hub in _HUBS:
+        hub.close_all()
+
 
 @dataclass(eq=False)
 class Subscriber:
@@ -112,6 +120,7 @@ class Subscriber:
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _items: deque[JobEvent] = field(default_factory=deque)
     _resync: bool = False
+    closed: bool = False
 
     def push(self, event: JobEvent) -> None:
         """Queue an event (hub thread)."""
@@ -130,10 +139,18 @@ class Subscriber:
             self._resync = True
             self._cond.notify()
 
+    def close(self) -> None:
+        """End the stream at its next wake-up (the server is stopping)."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify()
+
     def take(self, timeout_s: float) -> tuple[list[JobEvent], bool]:
         """Wait up to `timeout_s` for events: those queued, and whether to re-read the log."""
         with self._cond:
-            self._cond.wait_for(lambda: self._items or self._resync, max(0.0, timeout_s))
+            self._cond.wait_for(
+                lambda: self._items or self._resync or self.closed, max(0.0, timeout_s)
+            )
             items, resync = list(self._items), self._resync
             self._items.clear()
             self._resync = False
@@ -149,10 +166,12 @@ class EventHub:
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._thread: threading.Thread | None = None
         self.slots = threading.BoundedSemaphore(max_streams)
+        self.closing = False
+        _HUBS.append(self)
 
     def subscribe(self, job_id: str) -> Subscriber:
         """A queue receiving `job_id`'s events from now on (starts the listener on first use)."""
-        subscriber = Subscriber(job_id)
+        subscriber = Subscriber(job_id, closed=self.closing)
         with self._lock:
             self._subscribers.setdefault(job_id, set()).add(subscriber)
             if self._thread is None:
@@ -168,6 +187,12 @@ class EventHub:
                 subscribers.discard(subscriber)
                 if not subscribers:
                     del self._subscribers[subscriber.job_id]
+
+    def close_all(self) -> None:
+        """End every open stream now: its client resumes elsewhere with `Last-Event-ID`."""
+        self.closing = True
+        for subscriber in self._everyone():
+            subscriber.close()
 
     @property
     def open_streams(self) -> int:
@@ -412,6 +437,8 @@ def _live(stream: _Stream, start: _Start) -> Iterator[str]:
         next_heartbeat = stream.sent_at + settings.stream_heartbeat_s
         wait = min(next_heartbeat, next_recheck) - time.monotonic()
         events, resync = stream.subscriber.take(wait)
+        if stream.subscriber.closed:
+            return  # the server is stopping: the client resumes with Last-Event-ID
         if resync:
             try:
                 events = read_events_after(client, stream.job_id, stream.last_id)

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +46,10 @@ TERMINAL: Final = ("COMPLETED", "FAILED")
 # While following a render: statuses worth polling again (None: no answer at all), and for how long.
 TRANSIENT: Final = (None, 502, 503, 504)
 OUTAGE_PATIENCE_S: Final = 60.0
+# The event stream sends a keep-alive every 15 s of silence: a read waits longer than that.
+STREAM_TIMEOUT: Final = httpx.Timeout(30.0, connect=5.0, read=60.0)
+# Times a cut stream is resumed (Last-Event-ID) before polling takes over.
+STREAM_RESUMES: Final = 3
 
 
 @dataclass
@@ -128,6 +132,28 @@ class FarmClient:
             return response.json()
         except ValueError as exc:
             raise ApiError(f"the farm answered {path} with something that is not JSON") from exc
+
+    def events(
+        self, request_id: str, last_event_id: str | None = None
+    ) -> Generator[tuple[str, str | None, dict[str, Any]], None, None]:
+        """GET /v2/requests/{id}/events: (event, id, data) until the last; ApiError if refused."""
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
+        path = f"/v2/requests/{request_id}/events"
+        try:
+            stream = self._http.stream("GET", path, headers=headers, timeout=STREAM_TIMEOUT)
+            with stream as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise _api_error(response)
+                if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                    raise ApiError("the farm serves no event stream", response.status_code)
+                yield from server_sent_events(response.iter_lines())
+        except httpx.TimeoutException as exc:
+            raise ApiError(f"the farm's event stream went quiet ({exc})") from exc
+        except httpx.TransportError as exc:
+            raise ApiError(f"the event stream was cut ({type(exc).__name__}: {exc})") from exc
 
     def submit(self, params: dict[str, Any]) -> dict[str, Any]:
         """POST /v2/kolors: queue a render; its request id and URLs."""
@@ -256,6 +282,29 @@ def ask_to_cancel(
     return line.strip().lower() in ("y", "yes")
 
 
+def server_sent_events(lines: Iterable[str]) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
+    """Parse Server-Sent Events whose data is JSON: (event, id, data); comments skipped."""
+    event: str = "message"
+    event_id: str | None = None
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if data:
+                yield event, event_id, json.loads("\n".join(data))
+            event, event_id, data = "message", None, []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            event = value
+        elif name == "id":
+            event_id = value
+
+
 def _describe(body: dict[str, Any]) -> tuple[str, int | None, int]:
     """A status body as the progress line's text, total and completed units."""
     progress = body.get("progress") or {}
@@ -307,6 +356,8 @@ class Renderer:
         self.ask = ask
         self.interrupts = interrupts or Interrupts()
         self.sleep = sleep
+        self.last_event_id: str | None = None  # where a cut event stream resumes
+        self.streamed = False  # whether the render was followed on its event stream
 
     def run(self, params: dict[str, Any], out_dir: Path) -> Outcome:
         """Render `params` and write the images to `out_dir`; the outcome."""
@@ -325,6 +376,9 @@ class Renderer:
             task = progress.add_task(f"request {request_id}", total=None)
             while True:
                 try:
+                    final = self._stream(request_id, progress, task, cancelling)
+                    if final is not None:
+                        return final
                     return self._poll(request_id, progress, task, cancelling)
                 except KeyboardInterrupt:
                     if cancelling:
@@ -344,6 +398,46 @@ class Renderer:
                         highlight=False,
                     )
                     progress.start()
+
+    def _stream(
+        self, request_id: str, progress: Progress, task: TaskID, cancelling: bool
+    ) -> dict[str, Any] | None:
+        """Follow the request's event stream to its final event; None: poll instead.
+
+        A cut stream resumes after its last event a few times; a farm without streams,
+        or one that keeps cutting them, is polled (which rides out outages).
+        """
+        body: dict[str, Any] = {}
+        for _ in range(STREAM_RESUMES):
+            events = self.client.events(request_id, self.last_event_id)
+            try:
+                while True:
+                    with self.interrupts.armed():
+                        item = next(events, None)
+                    if item is None:
+                        break  # closed before its final event: resume
+                    self.streamed = True
+                    event, event_id, data = item
+                    self.last_event_id = event_id or self.last_event_id
+                    if event == "completed":
+                        progress.update(task, description=_state(data), total=1, completed=1)
+                        return data
+                    if event == "status":
+                        body = data
+                    elif event == "progress":
+                        body = body | {"status": "PROCESSING", "progress": data}
+                    else:
+                        continue
+                    text, total, completed = _describe(body)
+                    if cancelling:
+                        text = f"cancelling: {text}"
+                    progress.update(task, description=text, total=total, completed=completed)
+            except ApiError as exc:
+                if exc.status is not None:
+                    return None  # an answer, not a cut: polling reports it
+            finally:
+                events.close()
+        return None
 
     def _poll(
         self, request_id: str, progress: Progress, task: TaskID, cancelling: bool

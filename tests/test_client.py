@@ -130,6 +130,8 @@ def test_render_json_prints_one_document_and_no_progress(
     # Only the request's id goes to stderr: no progress display.
     assert result.stderr == f"request {document['request_id']} queued\n"
     assert api(farm, key, "GET", f"/v2/requests/{document['request_id']}").json()["seeds"] == [5]
+    # It followed the render on the request's event stream, not by polling.
+    assert f"GET /v2/requests/{document['request_id']}/events" in farm.processes.log("api")
 
 
 def test_the_farm_refuses_a_bad_parameter_by_field_and_rule_and_queues_nothing(

@@ -295,6 +295,7 @@ def test_a_render_shows_progress_to_the_end_then_its_images_and_the_prompt_as_te
     assert page.locator("#progress-bar").evaluate("bar => bar.value") == 1
     expect(page.locator("#prompt")).to_have_text(XSS)
     expect(page.locator("#cancel")).to_be_hidden()
+    assert page.evaluate("document.body.dataset.updates") == "stream"  # not polling
 
     images = page.locator("img.result")
     expect(images).to_have_count(2)

@@ -1,5 +1,5 @@
 import {
-  $, LIVE, api, cancelRequest, el, formatSeconds, formatTime, imageBlobUrl, pageError,
+  $, LIVE, api, apiKey, cancelRequest, el, formatSeconds, formatTime, imageBlobUrl, pageError,
   problemText, setText, show, showMessage, signedIn, statusBadge,
 } from "./console.js";
 
@@ -116,6 +116,86 @@ async function poll() {
   setTimeout(poll, next);
 }
 
+// One Server-Sent Event from its block of lines; null for a comment (the keep-alive).
+function parseEvent(block) {
+  const event = { event: "message", id: null, data: [] };
+  for (const raw of block.split("\n")) {
+    const line = raw.endsWith("\r") ? raw.slice(0, -1) : raw;
+    if (!line || line.startsWith(":")) continue;
+    const colon = line.indexOf(":");
+    const name = colon < 0 ? line : line.slice(0, colon);
+    const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+    if (name === "data") event.data.push(value);
+    else if (name === "event") event.event = value;
+    else if (name === "id") event.id = value;
+  }
+  if (!event.data.length) return null;
+  return { ...event, data: JSON.parse(event.data.join("\n")) };
+}
+
+let streamed = null; // the last status the stream gave, updated by its progress events
+
+// One event of the stream; true once the request has ended.
+async function handle(event) {
+  if (event.event === "status") {
+    streamed = event.data;
+  } else if (event.event === "progress") {
+    const { step, steps, images_done, images } = event.data;
+    streamed = { ...(streamed || {}), status: "PROCESSING", queue_position: undefined, progress: { step, steps, images_done, images } };
+  } else if (event.event === "completed") {
+    await poll(); // the final status (and the cancel flag), then the results
+    return true;
+  } else {
+    return false;
+  }
+  const done = showStatus(streamed, 200);
+  if (done > shownImages) await showResults(); // images appear as they are stored
+  return false;
+}
+
+// The request's events (GET .../events) read with fetch(), since an EventSource cannot
+// send the key in a header; a cut stream resumes after its last event, and polling
+// takes over where there is no stream.
+async function follow() {
+  let lastId = null;
+  for (let attempt = 0; attempt < 3 && !finished; attempt += 1) {
+    const headers = { Accept: "text/event-stream", "x-api-key": apiKey() };
+    if (lastId) headers["Last-Event-ID"] = lastId;
+    let response;
+    try {
+      response = await fetch(`${base}/events`, { headers, credentials: "omit", cache: "no-store", referrerPolicy: "no-referrer" });
+    } catch {
+      break;
+    }
+    const type = response.headers.get("Content-Type") || "";
+    if (!response.ok || !response.body || !type.startsWith("text/event-stream")) break;
+    document.body.dataset.updates = "stream";
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let cut;
+        while ((cut = buffer.indexOf("\n\n")) >= 0) {
+          const event = parseEvent(buffer.slice(0, cut));
+          buffer = buffer.slice(cut + 2);
+          if (!event) continue;
+          if (event.id) lastId = event.id;
+          if (await handle(event)) return;
+        }
+      }
+    } catch {
+      // Cut mid-stream: reconnect and resume after the last event.
+    }
+  }
+  if (!finished) {
+    document.body.dataset.updates = "polling";
+    await poll();
+  }
+}
+
 $("cancel").addEventListener("click", async () => {
   $("cancel").disabled = true;
   try {
@@ -137,6 +217,6 @@ signedIn()
       return;
     }
     describe(first.body?.parameters);
-    await poll();
+    await follow();
   })
   .catch(pageError);
