@@ -85,6 +85,7 @@ def _summary(job: Job, user: str) -> RequestSummary:
         error=error,
         cancelled=cancelled,
         output=links,
+        cached=any(image.cached for image in job.images),
     )
 
 

@@ -169,6 +169,9 @@ class RequestSummary(BaseModel):
     output: list[str] = Field(
         description="Image links, as GET /v2/requests/{id} gives; empty once results expire."
     )
+    cached: bool = Field(
+        default=False, description="Answered from the result cache at submission, not rendered."
+    )
 
 
 class RequestPage(BaseModel):

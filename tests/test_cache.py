@@ -351,6 +351,11 @@ def test_an_identical_request_completes_at_once_free_by_default(
         entries = session.scalars(select(LedgerEntry).where(LedgerEntry.job_id == job_id))
         assert list(entries) == []  # a free hit holds nothing and captures nothing
         assert job_row(sessions, job_id).price_per_image == 0
+    history = client.get("/v2/requests", headers=alice.headers).get_json()["requests"]
+    assert {entry["request_id"]: entry["cached"] for entry in history} == {
+        job_id: True,
+        source: False,
+    }
     # The synchronous route answers from the cache too, with no worker anywhere.
     response = client.post("/v1/kolors", json=REQUEST, headers=alice.headers)
     assert response.status_code == 200

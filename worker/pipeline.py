@@ -165,6 +165,8 @@ class KolorsRenderer:
         renderer.numeric_options = {
             "channels_last": settings.channels_last,
             "compile_unet": settings.compile_unet,
+            # Batched kernels round a level apart from single-image ones.
+            "render_batch_size": settings.render_batch_size,
         }
         return renderer
 
