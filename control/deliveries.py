@@ -108,6 +108,9 @@ def sweep_loop(resources: Resources, app: Celery, stop: threading.Event) -> None
                 continue  # more are due: no wait
         except (OperationalError, InterfaceError, BrokerError, redis.RedisError, OSError) as exc:
             log.warning("webhook sweep failed (%s); retrying", type(exc).__name__)
+        except Exception:
+            # The sweeper is what makes deliveries durable: it must outlive any one failure.
+            log.exception("webhook sweep failed; retrying")
         try:
             if pubsub is None:
                 pubsub = resources.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
