@@ -40,6 +40,7 @@ from shared.db import read_only, transaction
 from shared.errors import FieldProblem, InvalidParams
 from shared.events import DISPATCH_LOCK_KEY, fleet
 from shared.pricing import format_credits
+from shared.webhooks import secrets_by_name
 
 bp = Blueprint("admin", __name__)
 
@@ -340,3 +341,31 @@ def admin_grant(name: str) -> Response:
     with transaction(farm().sessions) as session:
         balance = grant_to_user(session, current_principal(), name, amount, body.note)
     return respond(GrantResult(user=name, credits=format_credits(balance)))
+
+
+class AdminWebhookSecret(BaseModel):
+    """A tenant's webhook signing secrets (Standard Webhooks, `whsec_...`)."""
+
+    tenant: str
+    secret: str = Field(description="The current secret, created on first view.")
+    signing: list[str] = Field(
+        description="Every secret that signs deliveries now, the current one first "
+        "(two for 24 hours after `kolors-farm webhooks rotate`)."
+    )
+
+
+@bp.get("/v1/admin/tenants/<name>/webhook-secret")
+@operation(
+    summary="A tenant's webhook signing secret (admins only)",
+    response=AdminWebhookSecret,
+    errors=(*ADMIN_ERRORS[:2], 404, 503),
+    tags=("admin",),
+)
+@admin_only
+def admin_webhook_secret(name: str) -> Response:
+    """The tenant's current signing secret (created if missing) and those still signing."""
+    with transaction(farm().sessions) as session:
+        signing = secrets_by_name(session, name)
+    response = respond(AdminWebhookSecret(tenant=name, secret=signing[0], signing=signing))
+    response.headers["Cache-Control"] = "no-store"
+    return response

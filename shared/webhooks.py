@@ -124,6 +124,11 @@ def tenant_secret_by_name(session: Session, tenant: str) -> str:
     return tenant_secret(session, _tenant_id(session, tenant))
 
 
+def secrets_by_name(session: Session, tenant: str) -> list[str]:
+    """Every secret that signs for the tenant called `tenant` now, the current one first."""
+    return signing_secrets(session, _tenant_id(session, tenant))
+
+
 def rotate_secret(session: Session, tenant: str) -> str:
     """Replace the tenant's secret; the old one keeps signing for 24 hours. The new secret."""
     tenant_id = _tenant_id(session, tenant)

@@ -26,6 +26,7 @@ from shared.models import (
     DisabledWebhook,
     Job,
     LedgerEntry,
+    User,
     WebhookAttempt,
     WebhookDelivery,
     utcnow,
@@ -432,3 +433,23 @@ def test_the_completed_body_is_the_request_s_result(
     assert sent == expected
     with pytest.raises(WebhookVerificationError):
         Webhook("whsec_" + "A" * 44).verify(got.body, got.headers)
+
+
+def test_admins_see_a_tenant_s_signing_secrets(
+    client: FlaskClient, sessions: sessionmaker[Session], alice: ApiUser
+) -> None:
+    root = make_user(sessions, "root", 0)
+    with transaction(sessions) as session:
+        session.execute(update(User).where(User.name == "root").values(is_admin=True))
+    path = "/v1/admin/tenants/alice/webhook-secret"
+    assert client.get(path, headers=alice.headers).status_code == 403
+    shown = client.get(path, headers=root.headers)
+    assert shown.status_code == 200 and shown.headers["Cache-Control"] == "no-store"
+    with transaction(sessions) as session:
+        assert shown.get_json()["secret"] == tenant_secret_by_name(session, "alice")
+        rotated = rotate_secret(session, "alice")
+    after = client.get(path, headers=root.headers).get_json()
+    assert after["secret"] == rotated and after["signing"][0] == rotated
+    assert after["signing"][1] == shown.get_json()["secret"]
+    unknown = client.get("/v1/admin/tenants/nobody/webhook-secret", headers=root.headers)
+    assert unknown.status_code == 404

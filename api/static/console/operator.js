@@ -45,7 +45,29 @@ async function loadWorkers() {
   setTimeout(loadWorkers, WORKERS_MS);
 }
 
+// The tenant's webhook signing secret(s), fetched only when asked for (never kept elsewhere).
+async function showSecret(name, cell) {
+  const result = await api(`/v1/admin/tenants/${encodeURIComponent(name)}/webhook-secret`);
+  if (!result.ok || !result.body) {
+    cell.replaceChildren(el("span", { class: "field-error", text: problemText(result) }));
+    return;
+  }
+  const codes = result.body.signing.map((secret) => el("div", {}, el("code", { "data-secret": "", text: secret })));
+  if (codes.length > 1) codes.push(el("div", { class: "muted", text: "both sign until the old one expires (24 h after a rotation)" }));
+  cell.replaceChildren(...codes);
+}
+
 function tenantRow(tenant) {
+  const secret = el("td", {});
+  secret.append(
+    el("button", {
+      type: "button",
+      class: "secondary",
+      "data-show-secret": "",
+      text: "Show",
+      onclick: () => showSecret(tenant.name, secret).catch(pageError),
+    }),
+  );
   return el(
     "tr",
     { "data-tenant": tenant.name },
@@ -54,6 +76,7 @@ function tenantRow(tenant) {
     el("td", { class: "num", text: tenant.queued }),
     el("td", { class: "num", text: tenant.running }),
     el("td", { text: formatTime(tenant.oldest_queued_at) }),
+    secret,
   );
 }
 
