@@ -10,6 +10,8 @@ then the identical request answered without the worker.
 from __future__ import annotations
 
 import io
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -125,6 +127,39 @@ def test_the_fingerprint_names_weights_libraries_and_numerics() -> None:
     assert render_fingerprint("a" * 64, versions, **base | {"device_type": "cpu"}) != fingerprint
     options = {"channels_last": True}
     assert render_fingerprint("a" * 64, versions, **base | {"options": options}) != fingerprint
+
+
+def test_weights_replaced_in_place_are_new_weights(tmp_path: Path) -> None:
+    from worker.pipeline import weight_files_identity, weights_index_sha256
+
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    os.utime(weights, (1_700_000_000, 1_700_000_000))
+    identity, index = weight_files_identity(folder), weights_index_sha256(folder)
+    # A copy that keeps times (rsync -a, image layers) is the same checkpoint on another host.
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    assert weight_files_identity(copy) == identity
+    # A fine-tune of the same shape written over it: same names and sizes, new weights.
+    weights.write_bytes(b"b" * 64)
+    os.utime(weights, (1_700_000_100, 1_700_000_100))
+    assert weights_index_sha256(folder) == index  # the generation record cannot tell
+    assert weight_files_identity(folder) != identity  # the cache can
+    # A hub snapshot links each file to a blob named by its SHA-256.
+    hub = tmp_path / "hub"
+    (hub / "blobs").mkdir(parents=True)
+    (hub / "snapshot" / "unet").mkdir(parents=True)
+    for blob in ("1" * 64, "2" * 64):
+        (hub / "blobs" / blob).write_bytes(b"c" * 64)
+    link = hub / "snapshot" / "unet" / "diffusion_pytorch_model.safetensors"
+    link.symlink_to(hub / "blobs" / ("1" * 64))
+    first = weight_files_identity(hub / "snapshot")
+    link.unlink()
+    link.symlink_to(hub / "blobs" / ("2" * 64))
+    assert weight_files_identity(hub / "snapshot") != first
 
 
 def test_the_fleet_must_agree_on_one_fingerprint() -> None:

@@ -74,6 +74,28 @@ def weights_index_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def weight_files_identity(folder: Path) -> str:
+    """What tells two copies of a checkpoint's weight files apart, without reading them.
+
+    A hub snapshot's files link to blobs named by their SHA-256: an exact identity at no
+    cost. A plain folder's files are told apart by size and modification time (whole
+    seconds: copies that keep times, as `rsync -a` and image layers do, agree across hosts),
+    so weights replaced in place under the same names and sizes are a new identity.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.suffix in _WEIGHT_SUFFIXES):
+        if not path.is_file():
+            continue
+        name = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            identity = Path(os.readlink(path)).name
+        else:
+            stat = path.stat()
+            identity = f"{stat.st_size}:{int(stat.st_mtime)}"
+        digest.update(f"{name}\0{identity}\0".encode())
+    return digest.hexdigest()
+
+
 def _has_fp16_variant(source: str) -> bool:
     """Whether the checkpoint ships half-precision weight files (`*.fp16.safetensors`)."""
     if Path(source).is_dir():
@@ -123,6 +145,7 @@ class KolorsRenderer:
         self.vae_tiling_above_pixels = 0  # 0: never tile
         # Settings that change the numerics, hence the pixels (see render_fingerprint).
         self.numeric_options: dict[str, Any] = {}
+        self.weight_files: str | None = None  # see weight_files_identity
         self._scheduler_config = dict(pipe.scheduler.config)
         self._schedulers: dict[str, Any] = {}
         pipe.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
@@ -162,6 +185,7 @@ class KolorsRenderer:
         fingerprint = weights_index_sha256(folder) if folder is not None else None
         renderer = cls(pipe, device, settings.model, fingerprint)
         renderer.vae_tiling_above_pixels = settings.vae_tiling_above_pixels
+        renderer.weight_files = weight_files_identity(folder) if folder is not None else None
         renderer.numeric_options = {
             "channels_last": settings.channels_last,
             "compile_unet": settings.compile_unet,
@@ -184,7 +208,12 @@ class KolorsRenderer:
             device_type=self.device.type,
             dtype=str(self.pipe.dtype).removeprefix("torch."),
             options=self.numeric_options
-            | {"vae_tiling_above_pixels": self.vae_tiling_above_pixels},
+            | {
+                "vae_tiling_above_pixels": self.vae_tiling_above_pixels,
+                # Same names and sizes (the generation record's fingerprint) are not the
+                # same weights: a fine-tune of one shape swapped in place must not hit.
+                "weight_files": self.weight_files,
+            },
         )
 
     def warm_up(self) -> float:
