@@ -86,7 +86,7 @@ def farm(
         warmup="false",
         public_base_url=PUBLIC_BASE,
         webhook_allow_nets="127.0.0.0/8",
-        webhook_backoff_s="0.5,1,1",
+        webhook_backoff_s="0.5,1,2,4",
         webhook_timeout_s="3",
         webhook_lease_s="5",
         webhook_sweep_interval_s="0.2",
