@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 import httpx
-from sqlalchemy import delete, select, update
+from sqlalchemy import Select, delete, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
@@ -39,6 +39,7 @@ from standardwebhooks.webhooks import Webhook
 from shared.errors import NotFound
 from shared.links import ImageLink, sign_image_link, signing_key
 from shared.models import (
+    DELIVERY_PENDING_SQL,
     DisabledWebhook,
     Job,
     JobImage,
@@ -227,6 +228,21 @@ def _token(moment: datetime) -> str:
     return moment.isoformat()
 
 
+# The partial index's own predicate, written out: SQLite uses a partial index only for a
+# query that repeats its WHERE literally (a bound 'pending' would not do).
+PENDING_ROWS: Final = text(f"({DELIVERY_PENDING_SQL})")
+
+
+def due_read(now: datetime, limit: int) -> Select[str]:
+    """The ids of pending deliveries due by `now`, oldest first (on `ix_webhook_deliveries_due`)."""
+    return (
+        select(WebhookDelivery.id)
+        .where(PENDING_ROWS, WebhookDelivery.next_attempt_at <= now)
+        .order_by(WebhookDelivery.next_attempt_at)
+        .limit(limit)
+    )
+
+
 def claim_due(session: Session, lease: timedelta, limit: int = 100) -> list[Claim]:
     """Claim up to `limit` due pending deliveries (oldest first) for `lease`; the sweeper's read.
 
@@ -234,12 +250,7 @@ def claim_due(session: Session, lease: timedelta, limit: int = 100) -> list[Clai
     has made.
     """
     now = utcnow()
-    due = session.execute(
-        select(WebhookDelivery.id)
-        .where(WebhookDelivery.state == PENDING, WebhookDelivery.next_attempt_at <= now)
-        .order_by(WebhookDelivery.next_attempt_at)
-        .limit(limit)
-    ).scalars()
+    due = session.execute(due_read(now, limit)).scalars()
     claims = []
     for delivery_id in list(due):
         claim = _claim(session, delivery_id, None, now + lease)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import func, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -38,6 +38,7 @@ from shared.webhook_urls import Target, WebhookRefused, check_url_syntax, resolv
 from shared.webhooks import (
     Claim,
     claim_due,
+    due_read,
     rotate_secret,
     sign,
     signing_secrets,
@@ -45,6 +46,7 @@ from shared.webhooks import (
     tenant_secret_by_name,
 )
 from tests.conftest import ApiUser, make_user, release_job, resources_for
+from tests.test_history import plan
 from tests.webhook_receiver import Receiver, running_receiver
 
 PUBLIC = "https://1.1.1.1/hook"  # a global address: passes the guard, never called here
@@ -453,3 +455,9 @@ def test_admins_see_a_tenant_s_signing_secrets(
     assert after["signing"][1] == shown.get_json()["secret"]
     unknown = client.get("/v1/admin/tenants/nobody/webhook-secret", headers=root.headers)
     assert unknown.status_code == 404
+
+
+def test_the_sweeper_reads_pending_deliveries_on_their_partial_index(engine: Engine) -> None:
+    due = plan(engine, due_read(utcnow(), 100))
+    assert "ix_webhook_deliveries_due" in due
+    assert "TEMP B-TREE" not in due and "Sort" not in due  # the index's order
