@@ -133,6 +133,8 @@ def run_delivery_worker(settings: Settings, name: str | None = None) -> int:
             "KOLORS_FARM_PUBLIC_BASE_URL is unset: image links in webhook bodies are paths "
             "(/v2/results/...), not absolute URLs"
         )
+    # httpx logs every request's URL at INFO; a webhook URL may carry the receiver's token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     resources = open_resources(settings)
     client = http_client(settings)
     app = make_celery(settings)
