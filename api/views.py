@@ -244,47 +244,6 @@ def _submit(params: KolorsParams, claimed: Claimed | None = None) -> Job:
     return job
 
 
-def _submit_once(route: str, params: KolorsParams) -> Job:
-    """Submit, or with an `Idempotency-Key` seen before, find the request it created."""
-    check_webhook(params.webhook, farm().settings)  # before anything is written
-    key = check_key(request.headers.getlist(IDEMPOTENCY_HEADER))
-    if key is None:
-        return _submit(params)
-    context = farm()
-    principal = current_principal()
-    deadline = _deadline()
-    digest = submission_fingerprint(
-        route,
-        params,
-        deadline.total_seconds() if deadline else None,
-        _retention().total_seconds(),
-    )
-    ttl = timedelta(seconds=context.settings.idempotency_ttl_s)
-    with transaction(context.sessions) as session:
-        claim = claim_key(session, principal.user_id, key, digest, utcnow(), ttl)
-    if isinstance(claim, Replay):
-        with read_only(context.sessions) as session:
-            job = get_job(session, principal, claim.job_id)
-            g.balance = get_balance(session, principal.user_id)
-
-        @after_this_request
-        def replayed(response: Response) -> Response:
-            response.headers[REPLAYED_HEADER] = "true"
-            return response
-
-        return job
-    try:
-        return _submit(params, claim)
-    except Exception:
-        try:
-            with transaction(context.sessions) as session:
-                release_claim(session, claim)
-        except Exception as exc:
-            # Taken over once stale (a minute), so a retry succeeds even so.
-            log.warning("idempotency claim not released (%s)", type(exc).__name__)
-        raise
-
-
 def _cache_hit(params: KolorsParams) -> CacheHit | None:
     """The request's images copied from the result cache for a new job; None: render it.
 
@@ -342,6 +301,47 @@ def _answered_from_cache(job: Job) -> Job:
         log.warning("job %s: end not announced (%s)", job.id, type(exc).__name__)
     log.info("job %s answered from the result cache", job.id)
     return job
+
+
+def _submit_once(route: str, params: KolorsParams) -> Job:
+    """Submit, or with an `Idempotency-Key` seen before, find the request it created."""
+    check_webhook(params.webhook, farm().settings)  # before anything is written
+    key = check_key(request.headers.getlist(IDEMPOTENCY_HEADER))
+    if key is None:
+        return _submit(params)
+    context = farm()
+    principal = current_principal()
+    deadline = _deadline()
+    digest = submission_fingerprint(
+        route,
+        params,
+        deadline.total_seconds() if deadline else None,
+        _retention().total_seconds(),
+    )
+    ttl = timedelta(seconds=context.settings.idempotency_ttl_s)
+    with transaction(context.sessions) as session:
+        claim = claim_key(session, principal.user_id, key, digest, utcnow(), ttl)
+    if isinstance(claim, Replay):
+        with read_only(context.sessions) as session:
+            job = get_job(session, principal, claim.job_id)
+            g.balance = get_balance(session, principal.user_id)
+
+        @after_this_request
+        def replayed(response: Response) -> Response:
+            response.headers[REPLAYED_HEADER] = "true"
+            return response
+
+        return job
+    try:
+        return _submit(params, claim)
+    except Exception:
+        try:
+            with transaction(context.sessions) as session:
+                release_claim(session, claim)
+        except Exception as exc:
+            # Taken over once stale (a minute), so a retry succeeds even so.
+            log.warning("idempotency claim not released (%s)", type(exc).__name__)
+        raise
 
 
 def external_url(endpoint: str, **values: Any) -> str:
