@@ -71,6 +71,8 @@ def start_farm(data_dir: Path, model_dir: Path, port: int) -> subprocess.Popen[b
         KOLORS_FARM_DATA_DIR=str(data_dir),
         KOLORS_FARM_MODEL=str(model_dir),
         KOLORS_FARM_DEVICE="cpu",
+        # Every submission must render: the result cache would answer identical ones.
+        KOLORS_FARM_CACHE="false",
         PYTHONPATH=str(REPO),
     )
     env.pop("KOLORS_FARM_REDIS_URL", None)

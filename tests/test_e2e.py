@@ -56,6 +56,9 @@ def farm(
         redis_server.url.replace("/0", "/3"),
         tiny_model_dir,
         sync_timeout_s="120",
+        # These tests count renders and charges of repeated requests; the result cache
+        # would answer the repeats (tests/test_cache.py covers it).
+        cache="false",
     )
     processes = FarmProcesses(env=env, logs=data_dir / "logs")
     processes.cli("migrate")

@@ -142,8 +142,14 @@ def make_farm(
 ) -> Farm:
     logs = tmp_path / "logs"
     logs.mkdir(exist_ok=True)
+    # Fault tests count renders, holds and broker messages of identical requests: the
+    # result cache would answer the repeats without any of them (tests/test_cache.py).
     env = farm_env(
-        tmp_path / "data", database_url, redis_url, model_dir, **(FAST_RECOVERY | settings)
+        tmp_path / "data",
+        database_url,
+        redis_url,
+        model_dir,
+        **(FAST_RECOVERY | {"cache": "false"} | settings),
     )
     processes = FarmProcesses(env=env, logs=logs)
     farm = Farm(processes, database_url)

@@ -702,6 +702,8 @@ def stage_c(ctx: Context) -> None:
             "KOLORS_FARM_MODEL": farm_model(ctx),
             # Fresh heartbeats, so the busy fraction read at the end is at most a second old.
             "KOLORS_FARM_HEARTBEAT_INTERVAL_S": "1",
+            # Every submission must render: the result cache would answer identical ones.
+            "KOLORS_FARM_CACHE": "false",
         }
     )
     started = time.perf_counter()
@@ -948,6 +950,7 @@ def stage_e(ctx: Context) -> None:
                 "KOLORS_FARM_MODEL": source,
                 "KOLORS_FARM_REDIS_URL": redis_url,
                 "KOLORS_FARM_HEARTBEAT_INTERVAL_S": "1",
+                "KOLORS_FARM_CACHE": "false",
             }
         )
         client = make_redis(redis_url)
