@@ -20,7 +20,8 @@ from api.schemas import (
     UsageRow,
 )
 from api.spec import ResponseHeader, operation, parse_query, respond
-from api.views import failure_fields, image_links, links_expire_at
+from api.views import image_links
+from shared.bodies import failure_fields, links_expire_at
 from shared.db import read_only
 from shared.history import (
     account,

@@ -7,7 +7,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PublicStatus = Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]
+# The status and result bodies are shared with the webhook deliveries.
+from shared.bodies import JobResult as JobResult
+from shared.bodies import JobStatus as JobStatus
+from shared.bodies import Metrics as Metrics
+from shared.bodies import Output as Output
+from shared.bodies import Progress as Progress
+from shared.bodies import PublicStatus as PublicStatus
+
 Credits = str  # a decimal string, e.g. "9.5" (shared.pricing.format_credits)
 
 CREDITS_PATTERN = r"^[0-9]+(\.[0-9]{1,3})?$"
@@ -32,76 +39,6 @@ class SyncResult(BaseModel):
     images: list[str] = Field(description="Every image, base64, in order.")
     seeds: list[int] = Field(description="The seed of each image.")
     content_type: str = Field(description="The images' media type.")
-
-
-class Progress(BaseModel):
-    """How far a render is."""
-
-    images_done: int = Field(ge=0)
-    images: int = Field(ge=1)
-    step: int = Field(ge=0, description="Step of the image being rendered.")
-    steps: int = Field(ge=1)
-
-
-class JobStatus(BaseModel):
-    """A request's state, progress, queue position and ETA (FAILED is served with 422)."""
-
-    request_id: str
-    status: PublicStatus
-    error: str | None = Field(default=None, description="Why it FAILED (null otherwise).")
-    cancelled: bool = Field(default=False, description="FAILED because it was cancelled.")
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    progress: Progress
-    queue_position: int | None = Field(
-        default=None, ge=0, description="QUEUED only: jobs the farm starts before this one."
-    )
-    eta_seconds: float | None = Field(
-        default=None,
-        ge=0,
-        description="QUEUED or PROCESSING: estimated seconds until done, from measured speed "
-        "(null when no worker has measured its speed yet).",
-    )
-
-
-class Output(BaseModel):
-    """One delivered image: its expiring link, seed and generation record."""
-
-    url: str
-    expires_at: datetime
-    index: int = Field(ge=0)
-    seed: int = Field(ge=0)
-    generation: dict[str, Any] | None = Field(description="The record embedded in the image.")
-    cached: bool = Field(
-        default=False,
-        description="Answered from the result cache (an identical image the farm already "
-        "held), not rendered for this request.",
-    )
-
-
-class Metrics(BaseModel):
-    """Timing of a request, in seconds (each present once known)."""
-
-    queue_seconds: float | None = None
-    render_seconds: float | None = None
-    total_seconds: float | None = None
-
-
-class JobResult(BaseModel):
-    """A request's result: fresh expiring image links, seeds, generation records, timings."""
-
-    request_id: str
-    status: PublicStatus
-    output: list[str] = Field(description="Image links (Segmind's field), valid until expiry.")
-    output_expires_at: datetime
-    outputs: list[Output]
-    seeds: list[int]
-    metrics: Metrics
-    parameters: dict[str, Any] = Field(description="The parameters, with the seed used.")
-    results_expire_at: datetime | None = Field(description="When the results are deleted.")
-    error: str | None = None
-    cancelled: bool = False
 
 
 class Cancelled(BaseModel):

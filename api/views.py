@@ -20,9 +20,6 @@ from api.schemas import (
     Health,
     JobResult,
     JobStatus,
-    Metrics,
-    Output,
-    Progress,
     Readiness,
     Submitted,
     SyncResult,
@@ -36,6 +33,13 @@ from api.spec import (
     ResponseHeader,
     operation,
     respond,
+)
+from shared.bodies import (
+    failure_fields,
+    image_link,
+    links_expire_at,
+    result_body,
+    status_body,
 )
 from shared.cache import (
     CacheHit,
@@ -72,7 +76,7 @@ from shared.idempotency import (
     submission_fingerprint,
 )
 from shared.ledger import get_balance
-from shared.links import ImageLink, sign_image_link, signing_key, verify_image_link
+from shared.links import signing_key, verify_image_link
 from shared.metrics import (
     ImageRecorded,
     MetricEvent,
@@ -80,7 +84,7 @@ from shared.metrics import (
     RequestSubmitted,
     record,
 )
-from shared.models import TERMINAL_STATES, Job, JobImage, JobState, utcnow
+from shared.models import TERMINAL_STATES, Job, JobState, utcnow
 from shared.params import CONTENT_TYPES, RANDOM_SEED, KolorsParams, parse_params
 from shared.pricing import format_credits
 from shared.queries import (
@@ -92,7 +96,6 @@ from shared.queries import (
     public_status,
     queue_place,
 )
-from shared.settings import Settings
 from shared.transitions import cancel_job, image_storage_key, new_job_id, submit_job
 from shared.webhook_urls import check_webhook
 
@@ -368,15 +371,6 @@ def _load_job(job_id: str) -> Job:
         return job
 
 
-def failure_fields(job: Job) -> tuple[str | None, bool]:
-    """A job's `error` and `cancelled` fields: why it FAILED, and whether by a cancel."""
-    if job.state == JobState.CANCELLED.value:
-        return job.error or "Cancelled", True
-    if job.state == JobState.FAILED.value:
-        return job.error or "Render failed", False
-    return None, False
-
-
 def _answer(body: JobStatus | JobResult, job: Job) -> Response:
     failed = public_status(job) == "FAILED"
     return respond(body, FAILED_HTTP_STATUS if failed else 200)
@@ -534,47 +528,18 @@ def job_status(job_id: str) -> Response:
         else:
             done = (job.images_done + step / max(1, steps)) / job.number_of_images
             eta = estimate_wait_seconds(0.0, own_work * (1 - min(1.0, done)), speeds, 1)
-    error, cancelled = failure_fields(job)
-    body = JobStatus(
-        request_id=job.id,
-        status=public_status(job),
-        error=error,
-        cancelled=cancelled,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        progress=Progress(
-            images_done=job.images_done, images=job.number_of_images, step=step, steps=steps
-        ),
-        queue_position=position,
-        eta_seconds=round(eta, 1) if eta is not None else None,
-    )
+    body = status_body(job, step=step, steps=steps, queue_position=position, eta_seconds=eta)
     return _answer(body, job)
-
-
-def _image_link(job: Job, image: JobImage, expires_at: datetime) -> str:
-    """A URL serving one image without credentials until `expires_at`."""
-    context = farm()
-    lifetime = max(1, int((expires_at - utcnow()).total_seconds()))
-    presigned = context.storage.presigned_url(image.storage_key, lifetime)
-    if presigned is not None:
-        return presigned
-    link = ImageLink(job.tenant_id, job.id, image.index, int(expires_at.timestamp()))
-    token = sign_image_link(signing_key(context.settings), link)
-    return external_url("kolors.result_image", token=token)
-
-
-def links_expire_at(job: Job, settings: Settings) -> datetime:
-    """When links made now to a job's images expire: the link lifetime, within retention."""
-    expires_at = utcnow() + timedelta(seconds=settings.url_ttl_s)
-    if job.expires_at is not None:
-        expires_at = min(expires_at, job.expires_at)
-    return expires_at
 
 
 def image_links(job: Job, expires_at: datetime) -> list[str]:
     """Fresh links to each delivered image of a job (its images loaded)."""
-    return [_image_link(job, image, expires_at) for image in job.images]
+    context = farm()
+    base = context.settings.public_base_url or request.url_root
+    return [
+        image_link(job, image, expires_at, context.settings, context.storage, base)
+        for image in job.images
+    ]
 
 
 @bp.get("/v2/requests/<job_id>")
@@ -592,39 +557,8 @@ def job_result(job_id: str) -> Response:
     """The result: fresh expiring image links, seeds, generation records, timing metrics."""
     job = _load_job(job_id)
     ensure_results_retained(job)
-    metrics = Metrics()
-    if job.started_at:
-        metrics.queue_seconds = round((job.started_at - job.created_at).total_seconds(), 3)
-    if job.finished_at and job.started_at:
-        metrics.render_seconds = round((job.finished_at - job.started_at).total_seconds(), 3)
-    if job.finished_at:
-        metrics.total_seconds = round((job.finished_at - job.created_at).total_seconds(), 3)
     expires_at = links_expire_at(job, farm().settings)
-    links = image_links(job, expires_at)
-    error, cancelled = failure_fields(job)
-    body = JobResult(
-        request_id=job.id,
-        status=public_status(job),
-        output=links,
-        output_expires_at=expires_at,
-        outputs=[
-            Output(
-                url=link,
-                expires_at=expires_at,
-                index=image.index,
-                seed=image.seed,
-                generation=image.generation,
-                cached=image.cached,
-            )
-            for link, image in zip(links, job.images, strict=True)
-        ],
-        seeds=[image.seed for image in job.images],
-        metrics=metrics,
-        parameters=job.params | {"seed": job.seed},
-        results_expire_at=job.expires_at,
-        error=error,
-        cancelled=cancelled,
-    )
+    body = result_body(job, job.images, image_links(job, expires_at), expires_at)
     return _answer(body, job)
 
 

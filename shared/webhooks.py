@@ -36,14 +36,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
+from shared import bodies
 from shared.errors import NotFound
-from shared.links import ImageLink, sign_image_link, signing_key
 from shared.models import (
     DELIVERY_PENDING_SQL,
     DisabledWebhook,
     Job,
-    JobImage,
-    JobState,
     Tenant,
     WebhookAttempt,
     WebhookDelivery,
@@ -51,7 +49,7 @@ from shared.models import (
     utcnow,
 )
 from shared.params import KolorsParams
-from shared.queries import public_status, results_expired
+from shared.queries import results_expired
 from shared.settings import Settings
 from shared.storage import ResultStorage
 from shared.webhook_urls import (
@@ -297,51 +295,9 @@ def is_disabled(session: Session, tenant_id: int, url: str) -> bool:
 # ---------------------------------------------------------------- the body
 
 
-def _failure_fields(job: Job) -> tuple[str | None, bool]:
-    if job.state == JobState.CANCELLED.value:
-        return job.error or "Cancelled", True
-    if job.state == JobState.FAILED.value:
-        return job.error or "Render failed", False
-    return None, False
-
-
-def _stamp(moment: datetime | None) -> str | None:
-    return moment.isoformat().replace("+00:00", "Z") if moment is not None else None
-
-
-def _image_link(
-    job: Job, image: JobImage, expires_at: datetime, settings: Settings, storage: ResultStorage
-) -> str:
-    lifetime = max(1, int((expires_at - utcnow()).total_seconds()))
-    presigned = storage.presigned_url(image.storage_key, lifetime)
-    if presigned is not None:
-        return presigned
-    link = ImageLink(job.tenant_id, job.id, image.index, int(expires_at.timestamp()))
-    token = sign_image_link(signing_key(settings), link)
-    base = (settings.public_base_url or "").rstrip("/")
-    return f"{base}/v2/results/{token}"
-
-
 def status_body(job: Job) -> dict[str, Any]:
     """The `start` event's body: GET /v2/requests/{id}/status as it stands (no live progress)."""
-    error, cancelled = _failure_fields(job)
-    return {
-        "request_id": job.id,
-        "status": public_status(job),
-        "error": error,
-        "cancelled": cancelled,
-        "created_at": _stamp(job.created_at),
-        "started_at": _stamp(job.started_at),
-        "finished_at": _stamp(job.finished_at),
-        "progress": {
-            "images_done": job.images_done,
-            "images": job.number_of_images,
-            "step": 0,
-            "steps": job.params["steps"],
-        },
-        "queue_position": None,
-        "eta_seconds": None,
-    }
+    return bodies.status_body(job).model_dump(mode="json")
 
 
 def result_body(job: Job, settings: Settings, storage: ResultStorage) -> dict[str, Any]:
@@ -350,46 +306,11 @@ def result_body(job: Job, settings: Settings, storage: ResultStorage) -> dict[st
     Links are absolute under `public_base_url`; when it is unset they are paths
     (`/v2/results/...`) the receiver resolves against the farm's address.
     """
-    expires_at = utcnow() + timedelta(seconds=settings.url_ttl_s)
-    if job.expires_at is not None:
-        expires_at = min(expires_at, job.expires_at)
+    expires_at = bodies.links_expire_at(job, settings)
     images = [] if results_expired(job) else list(job.images)
-    links = [_image_link(job, image, expires_at, settings, storage) for image in images]
-    metrics: dict[str, float | None] = {
-        "queue_seconds": None,
-        "render_seconds": None,
-        "total_seconds": None,
-    }
-    if job.started_at:
-        metrics["queue_seconds"] = round((job.started_at - job.created_at).total_seconds(), 3)
-    if job.finished_at and job.started_at:
-        metrics["render_seconds"] = round((job.finished_at - job.started_at).total_seconds(), 3)
-    if job.finished_at:
-        metrics["total_seconds"] = round((job.finished_at - job.created_at).total_seconds(), 3)
-    error, cancelled = _failure_fields(job)
-    return {
-        "request_id": job.id,
-        "status": public_status(job),
-        "output": links,
-        "output_expires_at": _stamp(expires_at),
-        "outputs": [
-            {
-                "url": link,
-                "expires_at": _stamp(expires_at),
-                "index": image.index,
-                "seed": image.seed,
-                "generation": image.generation,
-                "cached": image.cached,
-            }
-            for link, image in zip(links, images, strict=True)
-        ],
-        "seeds": [image.seed for image in images],
-        "metrics": metrics,
-        "parameters": job.params | {"seed": job.seed},
-        "results_expire_at": _stamp(job.expires_at),
-        "error": error,
-        "cancelled": cancelled,
-    }
+    base = settings.public_base_url or ""
+    links = [bodies.image_link(job, image, expires_at, settings, storage, base) for image in images]
+    return bodies.result_body(job, images, links, expires_at).model_dump(mode="json")
 
 
 # ---------------------------------------------------------------- one attempt
