@@ -37,6 +37,7 @@ from shared.errors import InvalidParams
 from shared.metrics import (
     BACKEND_UP,
     BUSY,
+    CACHED,
     CREDITS,
     DISPATCHED,
     DISPATCHER_ACTIVE,
@@ -310,10 +311,13 @@ def _tenant_counter_families(counters: Counters, names: dict[int, str]) -> Itera
     images = _counter(IMAGES)
     for tenant_id, value in sorted(counters.images.items()):
         images.add_metric([tenant(tenant_id)], value)
+    cached = _counter(CACHED)
+    for tenant_id, value in sorted(counters.cached.items()):
+        cached.add_metric([tenant(tenant_id)], value)
     credits = _counter(CREDITS)
     for tenant_id, value in sorted(counters.millicredits.items()):
         credits.add_metric([tenant(tenant_id)], value / 1000)
-    yield from (submitted, finished, images, credits)
+    yield from (submitted, finished, images, cached, credits)
     for family, histograms, buckets in (
         (QUEUE_WAIT, counters.queue_wait, QUEUE_WAIT_BUCKETS),
         (RENDER, counters.render, RENDER_BUCKETS),

@@ -296,7 +296,9 @@ def _answered_from_cache(job: Job) -> Job:
         RequestSubmitted(job.tenant_id),
         RequestFinished(job.tenant_id, job.state),
     ]
-    events += [ImageRecorded(job.tenant_id, job.price_per_image)] * job.number_of_images
+    events += [
+        ImageRecorded(job.tenant_id, job.price_per_image, cached=True)
+    ] * job.number_of_images
     record(context.redis, *events)
     try:
         announce_job_finished(context.redis, job.id, job.state)

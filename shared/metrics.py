@@ -38,6 +38,7 @@ _KEY: Final = "kolors-farm:metrics"
 SUBMITTED_KEY: Final = f"{_KEY}:submitted"  # tenant id -> requests
 FINISHED_KEY: Final = f"{_KEY}:finished"  # "tenant id:state" -> requests
 IMAGES_KEY: Final = f"{_KEY}:images"  # tenant id -> images
+CACHED_KEY: Final = f"{_KEY}:cached"  # tenant id -> images answered from the result cache
 CREDITS_KEY: Final = f"{_KEY}:credits"  # tenant id -> millicredits
 QUEUE_WAIT_KEY: Final = f"{_KEY}:queue_wait"  # "tenant id:le" -> observations, "tenant id:sum"
 RENDER_KEY: Final = f"{_KEY}:render"  # the same for render times
@@ -83,6 +84,12 @@ IMAGES = Family(
     f"{PREFIX}images_rendered",
     "counter",
     "Images rendered, stored and recorded (each charged once).",
+    ("tenant",),
+)
+CACHED = Family(
+    f"{PREFIX}images_cached",
+    "counter",
+    "Images answered from the result cache instead of rendered (each charged once).",
     ("tenant",),
 )
 CREDITS = Family(
@@ -161,6 +168,7 @@ FARM_FAMILIES: Final = (
     SUBMITTED,
     FINISHED,
     IMAGES,
+    CACHED,
     CREDITS,
     QUEUE_WAIT,
     RENDER,
@@ -210,14 +218,15 @@ class RequestFinished:
 
 @dataclass(frozen=True)
 class ImageRecorded:
-    """An image was stored, recorded and charged `millicredits`."""
+    """An image was stored, recorded and charged `millicredits` (rendered, or from the cache)."""
 
     tenant_id: int
     millicredits: int
+    cached: bool = False
 
     def apply(self, pipe: _Pipeline) -> None:
         """Add it to the pipeline."""
-        pipe.hincrby(IMAGES_KEY, str(self.tenant_id), 1)
+        pipe.hincrby(CACHED_KEY if self.cached else IMAGES_KEY, str(self.tenant_id), 1)
         pipe.hincrby(CREDITS_KEY, str(self.tenant_id), self.millicredits)
 
 
@@ -364,6 +373,7 @@ class Counters:
     submitted: dict[int, int] = field(default_factory=dict)
     finished: dict[tuple[int, str], int] = field(default_factory=dict)
     images: dict[int, int] = field(default_factory=dict)
+    cached: dict[int, int] = field(default_factory=dict)
     millicredits: dict[int, int] = field(default_factory=dict)
     queue_wait: dict[int, Histogram] = field(default_factory=dict)
     render: dict[int, Histogram] = field(default_factory=dict)
@@ -371,7 +381,7 @@ class Counters:
 
     def tenant_ids(self) -> set[int]:
         """Every tenant any counter names."""
-        ids = set(self.submitted) | set(self.images) | set(self.millicredits)
+        ids = set(self.submitted) | set(self.images) | set(self.cached) | set(self.millicredits)
         ids |= {tenant for tenant, _state in self.finished}
         return ids | set(self.queue_wait) | set(self.render)
 
@@ -399,13 +409,14 @@ def read_counters(client: redis.Redis) -> Counters:
             SUBMITTED_KEY,
             FINISHED_KEY,
             IMAGES_KEY,
+            CACHED_KEY,
             CREDITS_KEY,
             QUEUE_WAIT_KEY,
             RENDER_KEY,
             DISPATCH_KEY,
         ):
             pipe.hgetall(key)
-        submitted, finished, images, credits, waits, renders, dispatched = pipe.execute()
+        submitted, finished, images, cached, credits, waits, renders, dispatched = pipe.execute()
     ends: dict[tuple[int, str], int] = {}
     for key, value in finished.items():
         tenant, _, state = key.decode().partition(":")
@@ -414,6 +425,7 @@ def read_counters(client: redis.Redis) -> Counters:
         submitted=_by_tenant(submitted),
         finished=ends,
         images=_by_tenant(images),
+        cached=_by_tenant(cached),
         millicredits=_by_tenant(credits),
         queue_wait=_histograms(waits),
         render=_histograms(renders),

@@ -40,6 +40,7 @@ from shared.db import transaction
 from shared.events import make_redis
 from shared.metrics import (
     QUEUE_WAIT_BUCKETS,
+    ImageRecorded,
     QueueWait,
     RenderTime,
     active_tenants_query,
@@ -253,6 +254,10 @@ def test_histograms_are_cumulative_and_a_redis_outage_is_not_an_error(redis_url:
     )
     assert counters.queue_wait[7].sum == pytest.approx(7203.05)
     assert counters.render[7].sum == 2
+    # Images answered from the result cache are counted apart from rendered ones.
+    record(client, ImageRecorded(7, 40), ImageRecorded(7, 0, cached=True))
+    counters = read_counters(client)
+    assert (counters.images[7], counters.cached[7], counters.millicredits[7]) == (1, 1, 40)
     client.close()
 
     unreachable = redis.Redis(host="127.0.0.1", port=free_port(), retry=Retry(NoBackoff(), 0))
