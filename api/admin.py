@@ -6,10 +6,7 @@ any other valid key gets 403, no key 401. Lists are keyset-paginated by name.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
-import json
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Final, ParamSpec, TypeVar
@@ -39,6 +36,7 @@ from shared.admin import (
 from shared.db import read_only, transaction
 from shared.errors import FieldProblem, InvalidParams
 from shared.events import DISPATCH_LOCK_KEY, fleet
+from shared.history import bad_cursor, decode_cursor, encode_cursor
 from shared.pricing import format_credits
 from shared.webhooks import secrets_by_name
 
@@ -167,23 +165,16 @@ class GrantResult(BaseModel):
 
 
 def _encode_cursor(last_name: str) -> str:
-    raw = json.dumps({"after": last_name}).encode("utf-8")
-    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+    return encode_cursor({"after": last_name})
 
 
 def _decode_cursor(cursor: str | None) -> str | None:
     """The name a cursor continues after; a 400 naming `cursor` for anything else."""
     if cursor is None:
         return None
-    try:
-        raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
-        after = json.loads(raw)["after"]
-    except (binascii.Error, ValueError, TypeError, KeyError):
-        after = None
+    after = decode_cursor(cursor).get("after")
     if not isinstance(after, str):
-        raise InvalidParams.single(
-            "cursor", "cursor", "is not a cursor this route gave (pass next_cursor as is)"
-        )
+        raise bad_cursor()
     return after
 
 

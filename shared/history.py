@@ -79,34 +79,37 @@ class UsagePage:
     next_key: UsageKey | None
 
 
-def _bad_cursor() -> InvalidParams:
+def bad_cursor() -> InvalidParams:
+    """The 400 for a cursor no route handed out."""
     return InvalidParams.single("cursor", "cursor", "is not a cursor this route handed out")
 
 
-def _encode(payload: dict[str, Any]) -> str:
+def encode_cursor(payload: dict[str, Any]) -> str:
+    """An opaque cursor holding `payload` (URL-safe base64 of its JSON)."""
     raw = json.dumps(payload, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
 
-def _decode(cursor: str) -> dict[str, Any]:
+def decode_cursor(cursor: str) -> dict[str, Any]:
+    """The payload of a cursor `encode_cursor` made; `bad_cursor()` for anything else."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         payload = json.loads(raw)
     except (binascii.Error, ValueError) as exc:
-        raise _bad_cursor() from exc
+        raise bad_cursor() from exc
     if not isinstance(payload, dict):
-        raise _bad_cursor()
+        raise bad_cursor()
     return payload
 
 
 def encode_history_cursor(key: HistoryKey) -> str:
     """An opaque cursor for the requests after `key`."""
-    return _encode({"t": key.created_at.isoformat(), "id": key.job_id})
+    return encode_cursor({"t": key.created_at.isoformat(), "id": key.job_id})
 
 
 def decode_history_cursor(cursor: str) -> HistoryKey:
     """The key a history cursor holds; InvalidParams (400, `cursor`) if it holds none."""
-    payload = _decode(cursor)
+    payload = decode_cursor(cursor)
     try:
         created_at = datetime.fromisoformat(payload["t"])
         job_id = payload["id"]
@@ -114,28 +117,28 @@ def decode_history_cursor(cursor: str) -> HistoryKey:
             raise ValueError("a cursor's time is in UTC")
         created_at = created_at.astimezone(UTC)  # overflows near year 1 or 9999
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
-        raise _bad_cursor() from exc
+        raise bad_cursor() from exc
     if not isinstance(job_id, str):
-        raise _bad_cursor()
+        raise bad_cursor()
     return HistoryKey(created_at, job_id)
 
 
 def encode_usage_cursor(key: UsageKey) -> str:
     """An opaque cursor for the usage rows after `key`."""
-    return _encode({"d": key.day.isoformat(), "u": key.user_id})
+    return encode_cursor({"d": key.day.isoformat(), "u": key.user_id})
 
 
 def decode_usage_cursor(cursor: str) -> UsageKey:
     """The key a usage cursor holds; InvalidParams (400, `cursor`) if it holds none."""
-    payload = _decode(cursor)
+    payload = decode_cursor(cursor)
     try:
         day = date.fromisoformat(payload["d"])
         user_id = payload["u"]
     except (KeyError, TypeError, ValueError) as exc:
-        raise _bad_cursor() from exc
+        raise bad_cursor() from exc
     # Ids are 64-bit at most; a larger number would overflow SQLite's integers.
     if not isinstance(user_id, int) or isinstance(user_id, bool) or not 0 <= user_id < 2**63:
-        raise _bad_cursor()
+        raise bad_cursor()
     return UsageKey(day, user_id)
 
 
