@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # works offline; set KOLORS_FARM_MODEL=Kwai-Kolors/Kolors-diffusers for real images.
 export KOLORS_FARM_MODEL ?= tiny
 
-.PHONY: up test lint venv clean gpu-wheels gpu-bench
+.PHONY: up test lint venv system-packages clean gpu-wheels gpu-bench
 
 venv: $(STAMP)
 
@@ -29,7 +29,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: $(STAMP) lint
+# Debian packages the tests drive (Chromium, docker-compose), installed when missing.
+system-packages:
+	bash tools/system-packages.sh
+
+test: $(STAMP) system-packages lint
 	$(BIN)/pytest
 
 clean:

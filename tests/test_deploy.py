@@ -4,7 +4,7 @@ Kubernetes objects are validated against the Kubernetes schemas that
 kubernetes-validate ships; KEDA's ScaledObject is a custom resource it has no
 schema for, so a structural check asserts the fields KEDA requires (its HPA
 behaviour block is validated as the Kubernetes type it is). The compose file is
-checked by `docker compose config` (or `docker-compose config`, which `.ci/run`
+checked by `docker compose config` (or `docker-compose config`, which `make test`
 installs from Debian) and by a structural check. Every PromQL expression
 (the dashboard's, KEDA's) may name only metrics that /metrics serves, as
 declared by the code that serves them.
@@ -235,7 +235,7 @@ def test_compose_file_is_valid() -> None:
 
     cli = compose_cli()
     # The compose CLI checks the file against the compose specification.
-    assert cli is not None, "install a compose CLI (apt-get install docker-compose; .ci/run does)"
+    assert cli is not None, "install a compose CLI (apt-get install docker-compose; make test does)"
     for profile in ([], ["--profile", "monitoring"]):
         checked = subprocess.run(
             [*cli, "-f", str(DEPLOY / "compose.yaml"), *profile, "config", "--quiet"],
