@@ -41,12 +41,12 @@ from shared.events import (
     JobEvent,
     event_position,
     last_event_id,
-    make_redis,
     parse_published_event,
     read_events_after,
     read_events_from,
 )
 from shared.models import TERMINAL_STATES, JobState
+from shared.redis_client import make_redis
 from shared.resources import Resources
 
 log = logging.getLogger(__name__)

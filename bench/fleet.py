@@ -111,8 +111,8 @@ def sim_process(names: list[str], device_s: float, gaps_file: Path) -> None:
     """Run simulated workers (threads) until SIGTERM: each consumes the render queue."""
     from kombu.connection import Connection
 
+    from shared.celery_app import RENDER_QUEUE
     from shared.events import forget_worker, record_heartbeat
-    from shared.queue import RENDER_QUEUE
     from shared.resources import open_resources
     from shared.settings import Settings
     from worker.service import WorkerContext, start_render_job
@@ -308,7 +308,8 @@ def measure(
         )
     try:
         # Until every simulated worker sends heartbeats (a process imports torch first).
-        from shared.events import live_workers, make_redis
+        from shared.events import live_workers
+        from shared.redis_client import make_redis
 
         client = make_redis(env["KOLORS_FARM_REDIS_URL"])
         deadline = time.monotonic() + 180

@@ -26,9 +26,9 @@ from celery import Celery
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from shared.celery_app import make_celery
 from shared.db import transaction
 from shared.events import job_channel
-from shared.queue import make_celery
 from shared.resources import Resources, open_resources
 from shared.settings import Settings
 from shared.webhooks import (

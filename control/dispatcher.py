@@ -27,6 +27,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import LockError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from shared.celery_app import RENDER_QUEUE, make_celery, publish_render
 from shared.db import read_only, transaction
 from shared.events import (
     DISPATCH_LOCK_KEY,
@@ -41,7 +42,6 @@ from shared.idempotency import IDEMPOTENCY_CLEANUP_BATCH, delete_expired_keys
 from shared.metrics import Dispatched, MetricEvent, RequestFinished, record, tenants_of_jobs
 from shared.models import JobState, utcnow
 from shared.queries import current_load, expired_results, next_in_fair_order, stale_releases
-from shared.queue import RENDER_QUEUE, make_celery, publish_render
 from shared.resources import Resources, open_resources
 from shared.settings import Settings
 from shared.transitions import (

@@ -15,38 +15,19 @@ from typing import Any, Final
 
 import redis
 
+from shared.redis_client import KEY_PREFIX
+
 PROGRESS_TTL_S: Final = 24 * 3600
-_PREFIX: Final = "kolors-farm"
 
 
 def job_channel(job_id: str) -> str:
     """The pub/sub channel that announces a job's end."""
-    return f"{_PREFIX}:job:{job_id}:done"
+    return f"{KEY_PREFIX}:job:{job_id}:done"
 
 
 def progress_key(job_id: str) -> str:
     """The hash holding a running job's step progress."""
-    return f"{_PREFIX}:job:{job_id}:progress"
-
-
-# Connections a process's Redis client opens at most. A burst of more concurrent
-# commands (hundreds of event streams opening at once) waits for a free one, up to
-# REDIS_POOL_WAIT_S, instead of failing at once as redis-py's default pool does.
-REDIS_POOL_SIZE: Final = 100
-REDIS_POOL_WAIT_S: Final = 10.0
-
-
-def make_redis(url: str) -> redis.Redis:
-    """A Redis client with timeouts, so a stalled server cannot hang a request forever."""
-    pool = redis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=REDIS_POOL_SIZE,
-        timeout=REDIS_POOL_WAIT_S,
-        socket_timeout=10,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-    )
-    return redis.Redis(connection_pool=pool)
+    return f"{KEY_PREFIX}:job:{job_id}:progress"
 
 
 def announce_job_finished(client: redis.Redis, job_id: str, state: str) -> None:
@@ -65,7 +46,7 @@ def announce_job_finished(client: redis.Redis, job_id: str, state: str) -> None:
 # subscription and fans out to its open streams. So an open stream costs its API process
 # a thread and a queue, never a Redis or database connection of its own.
 
-EVENTS_CHANNEL: Final = f"{_PREFIX}:job-events"
+EVENTS_CHANNEL: Final = f"{KEY_PREFIX}:job-events"
 STATE_EVENT: Final = "state"  # data {"state": JobState value}
 PROGRESS_EVENT: Final = "progress"  # data: the Progress fields
 # Entries kept per job (approximately: Redis trims whole nodes). Progress is throttled
@@ -87,7 +68,7 @@ return id
 
 def event_log_key(job_id: str) -> str:
     """The capped Redis Stream holding a job's recent events."""
-    return f"{_PREFIX}:job:{job_id}:events"
+    return f"{KEY_PREFIX}:job:{job_id}:events"
 
 
 @dataclass(frozen=True)
@@ -256,8 +237,8 @@ def read_progress(client: redis.Redis, job_id: str) -> Progress | None:
 # Live workers: a set scored by when each heartbeat expires, and a hash of what each
 # said last. Reading them is one round trip, whatever else the keyspace holds (a key
 # per job's progress, for instance).
-WORKERS_KEY: Final = f"{_PREFIX}:workers"
-WORKERS_INFO_KEY: Final = f"{_PREFIX}:workers:info"
+WORKERS_KEY: Final = f"{KEY_PREFIX}:workers"
+WORKERS_INFO_KEY: Final = f"{KEY_PREFIX}:workers:info"
 
 
 def record_heartbeat(client: redis.Redis, name: str, info: dict[str, Any], ttl_s: float) -> None:
@@ -274,7 +255,7 @@ def record_heartbeat(client: redis.Redis, name: str, info: dict[str, Any], ttl_s
 
 # Per worker, the jobs it has finished rendering that are still being stored and
 # recorded: RUNNING in SQL, but the worker's device is already free for the next job.
-SETTLING_KEY: Final = f"{_PREFIX}:settling"
+SETTLING_KEY: Final = f"{KEY_PREFIX}:settling"
 
 
 def count_settling(client: redis.Redis, name: str, delta: int) -> None:
@@ -338,7 +319,7 @@ def fleet(client: redis.Redis) -> tuple[dict[str, dict[str, Any]], dict[str, flo
 
 def cancel_key(job_id: str) -> str:
     """The flag a running job's worker checks at every step."""
-    return f"{_PREFIX}:job:{job_id}:cancel"
+    return f"{KEY_PREFIX}:job:{job_id}:cancel"
 
 
 def request_cancel(client: redis.Redis, job_id: str) -> None:
@@ -351,9 +332,9 @@ def is_cancel_requested(client: redis.Redis, job_id: str) -> bool:
     return bool(client.exists(cancel_key(job_id)))
 
 
-DISPATCH_WAKE_KEY: Final = f"{_PREFIX}:dispatch:wake"
-DISPATCH_LOCK_KEY: Final = f"{_PREFIX}:dispatch:leader"
-SPEED_KEY: Final = f"{_PREFIX}:speed"
+DISPATCH_WAKE_KEY: Final = f"{KEY_PREFIX}:dispatch:wake"
+DISPATCH_LOCK_KEY: Final = f"{KEY_PREFIX}:dispatch:leader"
+SPEED_KEY: Final = f"{KEY_PREFIX}:speed"
 
 
 def wake_dispatcher(client: redis.Redis) -> None:

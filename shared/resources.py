@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import make_engine, make_session_factory
-from shared.events import make_redis
+from shared.redis_client import make_redis
 from shared.settings import Settings
 from shared.storage import ResultStorage, make_storage
 

@@ -40,12 +40,13 @@ from shared.cache import (
     render_fingerprint,
 )
 from shared.db import make_engine, read_only, transaction
-from shared.events import forget_worker, live_workers, make_redis, record_heartbeat
+from shared.events import forget_worker, live_workers, record_heartbeat
 from shared.imaging import encode_image
 from shared.ledger import get_balance, held_for_job, ledger_balance
 from shared.models import Job, JobImage, JobState, LedgerEntry
 from shared.params import KolorsParams
 from shared.pricing import price_per_image
+from shared.redis_client import make_redis
 from shared.settings import Settings
 from shared.storage import LocalStorage, ObjectMissing, S3Storage, make_storage
 from shared.transitions import (
@@ -510,7 +511,7 @@ def test_expired_or_deleted_results_miss_and_a_copy_outlives_its_original(
     worker_says: Callable[..., None],
 ) -> None:
     from control.dispatcher import Dispatcher
-    from shared.queue import make_celery
+    from shared.celery_app import make_celery
 
     dispatcher = Dispatcher(resources_for(settings, sessions, storage), make_celery(settings))
     source = rendered(sessions, alice, storage)

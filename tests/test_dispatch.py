@@ -15,14 +15,15 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from control.dispatcher import Dispatcher
+from shared.celery_app import RENDER_QUEUE, make_celery
 from shared.db import transaction
 from shared.errors import StaleAttempt, TooManyJobs
-from shared.events import count_settling, make_redis, record_heartbeat
+from shared.events import count_settling, record_heartbeat
 from shared.ledger import get_balance, ledger_balance
 from shared.models import Job, JobState, LedgerEntry, LedgerKind, utcnow
 from shared.params import KolorsParams
 from shared.queries import Load, current_load, queue_place, stale_releases
-from shared.queue import RENDER_QUEUE, make_celery
+from shared.redis_client import make_redis
 from shared.settings import Settings
 from shared.transitions import (
     DEADLINE_ERROR,

@@ -26,6 +26,7 @@ from werkzeug.serving import make_server
 
 from control.dispatcher import Dispatcher
 from control.launcher import start_scratch_redis
+from shared.celery_app import make_celery
 from shared.db import transaction
 from shared.idempotency import (
     Claimed,
@@ -36,7 +37,6 @@ from shared.idempotency import (
 from shared.ledger import grant_credits
 from shared.models import IdempotencyKey, Job, LedgerEntry, LedgerKind, utcnow
 from shared.params import parse_params
-from shared.queue import make_celery
 from shared.settings import Settings
 from tests.conftest import ApiUser, make_user, resources_for
 from tests.processes import RunningFarm, farm_env, running_farm, wait_for

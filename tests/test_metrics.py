@@ -36,8 +36,8 @@ from api.metrics import MULTIPROC_ENV, exposed_families, prepare_multiprocess_di
 from control.dispatcher import Dispatcher
 from control.launcher import RedisServer
 from control.processes import ChildSpec, free_port
+from shared.celery_app import make_celery
 from shared.db import transaction
-from shared.events import make_redis
 from shared.metrics import (
     QUEUE_WAIT_BUCKETS,
     ImageRecorded,
@@ -51,7 +51,7 @@ from shared.metrics import (
 from shared.migrate import migrate_database
 from shared.models import Job, utcnow
 from shared.params import KolorsParams
-from shared.queue import make_celery
+from shared.redis_client import make_redis
 from shared.settings import Settings
 from shared.transitions import claim_job, submit_job
 from tests.conftest import ApiUser, release_job, resources_for

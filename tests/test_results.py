@@ -28,7 +28,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from control.processes import free_port
 from shared.db import transaction
 from shared.errors import ExpiredLink, InvalidLink
-from shared.events import make_redis
 from shared.imaging import read_generation_record
 from shared.ledger import get_balance, ledger_balance
 from shared.links import (
@@ -40,6 +39,7 @@ from shared.links import (
 )
 from shared.models import Job, JobImage
 from shared.params import KolorsParams
+from shared.redis_client import make_redis
 from shared.settings import Settings
 from shared.storage import LocalStorage, ObjectMissing, S3Storage, make_storage
 from shared.transitions import claim_job, finish_job, record_image, submit_job
@@ -183,7 +183,7 @@ def test_expired_results_answer_410_and_cleanup_deletes_them(
     settings: Settings,
 ) -> None:
     from control.dispatcher import Dispatcher
-    from shared.queue import make_celery
+    from shared.celery_app import make_celery
 
     job_id = delivered_job(sessions, alice, storage)
     kept = delivered_job(sessions, alice, storage)
@@ -485,7 +485,7 @@ def test_a_failing_cleanup_does_not_stop_dispatching(
     alice: ApiUser, sessions: sessionmaker[Session], storage: LocalStorage, settings: Settings
 ) -> None:
     from control.dispatcher import Dispatcher
-    from shared.queue import make_celery
+    from shared.celery_app import make_celery
 
     job_id = delivered_job(sessions, alice, storage)
     with transaction(sessions) as session:

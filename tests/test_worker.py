@@ -17,10 +17,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import transaction
-from shared.events import make_redis, read_progress, request_cancel
+from shared.events import read_progress, request_cancel
 from shared.ledger import get_balance, ledger_balance
 from shared.models import Job, JobImage, LedgerEntry
 from shared.params import KolorsParams
+from shared.redis_client import make_redis
 from shared.settings import Settings
 from shared.storage import LocalStorage
 from shared.transitions import DEADLINE_ERROR, submit_job

@@ -12,8 +12,8 @@ from typing import Any
 from celery import Celery
 
 from shared.cache import FINGERPRINT_FIELD
+from shared.celery_app import RENDER_QUEUE, RENDER_TASK, make_celery
 from shared.events import forget_worker, record_heartbeat, reset_settling
-from shared.queue import RENDER_QUEUE, RENDER_TASK, make_celery
 from shared.resources import open_resources
 from shared.settings import Settings
 from worker.pipeline import KolorsRenderer
