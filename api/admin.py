@@ -35,9 +35,9 @@ from shared.admin import (
 )
 from shared.db import read_only, transaction
 from shared.errors import FieldProblem, InvalidParams
-from shared.events import DISPATCH_LOCK_KEY, fleet
 from shared.history import bad_cursor, decode_cursor, encode_cursor
 from shared.pricing import format_credits
+from shared.scheduling.fleet import DISPATCH_LOCK_KEY, fleet
 from shared.webhooks import secrets_by_name
 
 bp = Blueprint("admin", __name__)

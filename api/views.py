@@ -51,16 +51,7 @@ from shared.cache import (
 )
 from shared.db import read_only, transaction
 from shared.errors import InvalidLink, InvalidParams
-from shared.events import (
-    DISPATCH_LOCK_KEY,
-    announce_job_finished,
-    fleet,
-    live_workers,
-    read_progress,
-    request_cancel,
-    wait_for_job,
-    wake_dispatcher,
-)
+from shared.events import announce_job_finished, read_progress, request_cancel, wait_for_job
 from shared.idempotency import (
     HEADER as IDEMPOTENCY_HEADER,
 )
@@ -87,15 +78,10 @@ from shared.metrics import (
 from shared.models import TERMINAL_STATES, Job, JobState, utcnow
 from shared.params import CONTENT_TYPES, RANDOM_SEED, KolorsParams, parse_params
 from shared.pricing import format_credits
-from shared.queries import (
-    ensure_results_retained,
-    estimate_wait_seconds,
-    get_job,
-    job_state,
-    job_work,
-    public_status,
-    queue_place,
-)
+from shared.queries import ensure_results_retained, get_job, job_state, public_status
+from shared.scheduling.fleet import DISPATCH_LOCK_KEY, fleet, live_workers, wake_dispatcher
+from shared.scheduling.order import job_work
+from shared.scheduling.positions import estimate_wait_seconds, queue_place
 from shared.transitions import cancel_job, image_storage_key, new_job_id, submit_job
 from shared.webhook_urls import check_webhook
 

@@ -112,8 +112,8 @@ def sim_process(names: list[str], device_s: float, gaps_file: Path) -> None:
     from kombu.connection import Connection
 
     from shared.celery_app import RENDER_QUEUE
-    from shared.events import forget_worker, record_heartbeat
     from shared.resources import open_resources
+    from shared.scheduling.fleet import forget_worker, record_heartbeat
     from shared.settings import Settings
     from worker.service import WorkerContext, start_render_job
 
@@ -308,8 +308,8 @@ def measure(
         )
     try:
         # Until every simulated worker sends heartbeats (a process imports torch first).
-        from shared.events import live_workers
         from shared.redis_client import make_redis
+        from shared.scheduling.fleet import live_workers
 
         client = make_redis(env["KOLORS_FARM_REDIS_URL"])
         deadline = time.monotonic() + 180

@@ -58,7 +58,8 @@ from shared.db import make_engine, make_session_factory, read_only, transaction 
 from shared.migrate import migrate_database  # noqa: E402
 from shared.models import Job, Tenant, TenantQueue, User, UserQueue  # noqa: E402
 from shared.params import KolorsParams  # noqa: E402
-from shared.queries import next_in_fair_order, queue_place  # noqa: E402
+from shared.scheduling.order import next_in_fair_order  # noqa: E402
+from shared.scheduling.positions import queue_place  # noqa: E402
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "KOLORS_FARM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -198,7 +199,7 @@ def build_queue(url: str, mix: str, depth: int) -> Queue:
 def tenant_rows(
     lines: list[dict[str, Any]], user_weight: dict[int, int], tenant_weight: dict[int, int]
 ) -> list[dict[str, Any]]:
-    """Each tenant's queue row, summed from its users' lines as `shared.lines` keeps it."""
+    """Each tenant's queue row, summed from its users' lines as `scheduling.lines` keeps it."""
     by_tenant: dict[int, list[dict[str, Any]]] = {t: [] for t in tenant_weight}
     for line in lines:
         by_tenant[line["tenant_id"]].append(line)

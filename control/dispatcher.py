@@ -29,20 +29,14 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.celery_app import RENDER_QUEUE, make_celery, publish_render
 from shared.db import read_only, transaction
-from shared.events import (
-    DISPATCH_LOCK_KEY,
-    announce_job_finished,
-    live_workers,
-    publish_job_state,
-    request_cancel,
-    settling_jobs,
-    wait_for_wake,
-)
+from shared.events import announce_job_finished, publish_job_state, request_cancel
 from shared.idempotency import IDEMPOTENCY_CLEANUP_BATCH, delete_expired_keys
 from shared.metrics import Dispatched, MetricEvent, RequestFinished, record, tenants_of_jobs
 from shared.models import JobState, utcnow
-from shared.queries import current_load, expired_results, next_in_fair_order, stale_releases
+from shared.queries import expired_results, stale_releases
 from shared.resources import Resources, open_resources
+from shared.scheduling.fleet import DISPATCH_LOCK_KEY, live_workers, settling_jobs, wait_for_wake
+from shared.scheduling.order import current_load, next_in_fair_order
 from shared.settings import Settings
 from shared.transitions import (
     enforce_deadlines,

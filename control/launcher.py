@@ -28,9 +28,9 @@ import redis
 
 from control.processes import ChildKeepsFailing, ChildSpec, Supervisor, free_port
 from control.workers import visible_cuda_devices, worker_plan, worker_specs
-from shared.events import live_workers
 from shared.migrate import migrate_database
 from shared.redis_client import make_redis
+from shared.scheduling.fleet import live_workers
 from shared.settings import Settings
 
 log = logging.getLogger("kolors_farm.up")

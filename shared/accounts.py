@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from shared.errors import Conflict, NotFound, Unauthorized
 from shared.ledger import grant_credits
-from shared.lines import refresh_tenant
 from shared.models import MAX_WEIGHT, ApiKey, Tenant, TenantQueue, User, UserQueue, utcnow
+from shared.scheduling.lines import refresh_tenant
 
 KEY_PREFIX: Final = "kf_"
 # What `keys list` shows and `keys revoke` takes: "kf_" and 7 random characters (42 bits).

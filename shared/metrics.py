@@ -27,9 +27,9 @@ import redis
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from shared.events import DISPATCH_LOCK_KEY, fleet
-from shared.lines import ACTIVE_LINE
 from shared.models import Job, Tenant, TenantQueue, UserQueue
+from shared.scheduling.fleet import DISPATCH_LOCK_KEY, fleet
+from shared.scheduling.lines import ACTIVE_LINE
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, date, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from sqlalchemy import (
     JSON,
@@ -300,7 +300,7 @@ class UserQueue(Base):
 class TenantQueue(Base):
     """One tenant's queue: its users' lines summed, and the tenant's next job.
 
-    Kept with its lines (`shared.lines`), in the same transaction. The tenant's next
+    Kept with its lines (`shared.scheduling.lines`), in the same transaction. The tenant's next
     job is the one the fair order takes next from this tenant; `first_vt` is its
     tenant-level virtual time (in_flight + 1) / weight, as a float: with weights of at
     most 10,000 distinct virtual times never round to the same float, so ordering
@@ -513,3 +513,14 @@ class IdempotencyKey(Base):
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+# Literal predicates (not bound parameters), so SQLite and PostgreSQL both match them
+# to the partial indexes of the same text; parenthesized, as text is not grouped.
+WAITING: Final = text(f"({WAITING_SQL})")
+RELEASED: Final = text(f"({RELEASED_SQL})")
+RUNNING: Final = text(f"({RUNNING_SQL})")
+ACTIVE_LINE: Final = text(f"({ACTIVE_LINE_SQL})")
+RETAINED: Final = text(f"({RETAINED_SQL})")
+LIVE_DEADLINE: Final = text(f"({LIVE_DEADLINE_SQL})")
+TENANT_WAITING: Final = text(f"({TENANT_WAITING_SQL})")

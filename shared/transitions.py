@@ -11,7 +11,7 @@ dispatcher (QUEUED, in flight) -> claimed by a worker (RUNNING) -> ended
 (COMPLETED, FAILED or CANCELLED, its unspent hold released). A released job can
 go back in line (its message was lost); a RUNNING one too (its lease lapsed).
 
-The lines and tenants' queues are kept by `shared.lines`, whose lock order every
+The lines and tenants' queues are kept by `shared.scheduling.lines`, whose lock order every
 transition here follows (see `keeps_tenants`).
 """
 
@@ -30,9 +30,13 @@ from sqlalchemy.orm import Session
 from shared.accounts import Principal
 from shared.cache import CacheHit, cached_price
 from shared.errors import StaleAttempt, TooManyJobs
-from shared.fairshare import QueuedJob
 from shared.ledger import capture_image_credit, hold_credits, release_hold
-from shared.lines import (
+from shared.models import RELEASED, RUNNING, WAITING, Job, JobImage, JobState, utcnow
+from shared.params import EXTENSIONS, MAX_SEED, RANDOM_SEED, KolorsParams
+from shared.pricing import price_per_image
+from shared.queries import expired_leases, get_job, past_deadline
+from shared.scheduling.fairshare import QueuedJob
+from shared.scheduling.lines import (
     Line,
     enter_line,
     keeps_tenants,
@@ -41,18 +45,7 @@ from shared.lines import (
     lock_line_of_job,
     save_line,
 )
-from shared.models import Job, JobImage, JobState, utcnow
-from shared.params import EXTENSIONS, MAX_SEED, RANDOM_SEED, KolorsParams
-from shared.pricing import price_per_image
-from shared.queries import (
-    RELEASED,
-    RUNNING,
-    WAITING,
-    expired_leases,
-    get_job,
-    next_in_fair_order,
-    past_deadline,
-)
+from shared.scheduling.order import next_in_fair_order
 from shared.webhooks import COMPLETED, START, add_delivery, webhook_fields
 
 DEADLINE_ERROR: Final = "The request's deadline passed; undelivered images were not charged"

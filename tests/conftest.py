@@ -23,11 +23,11 @@ from api.app import create_app
 from control.launcher import RedisServer, start_scratch_redis
 from shared.accounts import Principal, create_user
 from shared.db import make_engine, make_session_factory, transaction
-from shared.fairshare import QueuedJob, ShareState
 from shared.migrate import migrate_database
 from shared.models import Job, Tenant, User
 from shared.redis_client import make_redis
 from shared.resources import Resources
+from shared.scheduling.fairshare import QueuedJob, ShareState
 from shared.settings import Settings
 from shared.storage import ResultStorage, make_storage
 

@@ -101,8 +101,8 @@ class FarmProcesses:
 
     def wait_for_workers(self, names: set[str], timeout_s: float = 120) -> None:
         """Until each named worker has loaded its model and sends heartbeats."""
-        from shared.events import live_workers
         from shared.redis_client import make_redis
+        from shared.scheduling.fleet import live_workers
 
         client = make_redis(self.env["KOLORS_FARM_REDIS_URL"])
 

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.accounts import create_user
 from shared.db import read_only, transaction
-from shared.events import DISPATCH_LOCK_KEY, record_heartbeat, record_render_speed
 from shared.models import LedgerEntry, User
+from shared.scheduling.fleet import DISPATCH_LOCK_KEY, record_heartbeat, record_render_speed
 from shared.settings import Settings
 from tests.conftest import ApiUser, make_user
 

@@ -12,14 +12,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import transaction
-from shared.events import (
+from shared.ledger import ledger_balance
+from shared.models import Job, LedgerEntry
+from shared.scheduling.fleet import (
     DISPATCH_LOCK_KEY,
     DISPATCH_WAKE_KEY,
     record_heartbeat,
     record_render_speed,
 )
-from shared.ledger import ledger_balance
-from shared.models import Job, LedgerEntry
 from shared.settings import Settings
 from shared.transitions import claim_job, fail_job
 from tests.conftest import ApiUser, make_user, release_job

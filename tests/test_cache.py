@@ -40,13 +40,13 @@ from shared.cache import (
     render_fingerprint,
 )
 from shared.db import make_engine, read_only, transaction
-from shared.events import forget_worker, live_workers, record_heartbeat
 from shared.imaging import encode_image
 from shared.ledger import get_balance, held_for_job, ledger_balance
 from shared.models import Job, JobImage, JobState, LedgerEntry
 from shared.params import KolorsParams
 from shared.pricing import price_per_image
 from shared.redis_client import make_redis
+from shared.scheduling.fleet import forget_worker, live_workers, record_heartbeat
 from shared.settings import Settings
 from shared.storage import LocalStorage, ObjectMissing, S3Storage, make_storage
 from shared.transitions import (

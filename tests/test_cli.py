@@ -182,8 +182,8 @@ def test_workers_refuses_devices_that_are_not_visible(env: dict[str, str]) -> No
 def test_workers_restarts_a_worker_killed_with_sigkill(
     env: dict[str, str], redis_url: str, tiny_model_dir: Path
 ) -> None:
-    from shared.events import live_workers
     from shared.redis_client import make_redis
+    from shared.scheduling.fleet import live_workers
 
     env = env | {
         "KOLORS_FARM_REDIS_URL": redis_url,

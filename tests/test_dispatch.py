@@ -18,12 +18,14 @@ from control.dispatcher import Dispatcher
 from shared.celery_app import RENDER_QUEUE, make_celery
 from shared.db import transaction
 from shared.errors import StaleAttempt, TooManyJobs
-from shared.events import count_settling, record_heartbeat
 from shared.ledger import get_balance, ledger_balance
 from shared.models import Job, JobState, LedgerEntry, LedgerKind, utcnow
 from shared.params import KolorsParams
-from shared.queries import Load, current_load, queue_place, stale_releases
+from shared.queries import stale_releases
 from shared.redis_client import make_redis
+from shared.scheduling.fleet import count_settling, record_heartbeat
+from shared.scheduling.order import Load, current_load
+from shared.scheduling.positions import queue_place
 from shared.settings import Settings
 from shared.transitions import (
     DEADLINE_ERROR,

@@ -1,4 +1,4 @@
-"""The fair-share policy (shared/fairshare.py): pure functions over plain values."""
+"""The fair-share policy (shared/scheduling/fairshare.py): pure functions over plain values."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.fairshare import (
+from shared.scheduling.fairshare import (
     FairMerge,
     FetchNext,
     JobKey,

@@ -25,10 +25,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from control.launcher import RedisServer, start_scratch_redis
 from shared.db import make_engine, make_session_factory, transaction
-from shared.events import DISPATCH_LOCK_KEY
 from shared.ledger import get_balance, held_for_job, ledger_balance
 from shared.migrate import migrate_database
 from shared.models import TERMINAL_STATES, Job, JobImage, LedgerEntry, LedgerKind, User
+from shared.scheduling.fleet import DISPATCH_LOCK_KEY
 from tests.conftest import empty_database
 from tests.processes import FarmProcesses, farm_env, init_postgres_cluster, wait_for
 

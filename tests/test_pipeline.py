@@ -30,12 +30,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from control.launcher import RedisServer
 from shared.celery_app import make_celery, publish_render
 from shared.db import make_engine, make_session_factory, transaction
-from shared.events import live_workers, read_progress, settling_jobs
+from shared.events import read_progress
 from shared.ledger import get_balance, ledger_balance
 from shared.migrate import migrate_database
 from shared.models import Job, JobImage, LedgerEntry
 from shared.params import KolorsParams
 from shared.redis_client import make_redis
+from shared.scheduling.fleet import live_workers, settling_jobs
 from shared.settings import Settings
 from shared.storage import LocalStorage, StorageError
 from shared.transitions import LeaseOutcome, recover_expired_leases, submit_job

@@ -20,10 +20,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.accounts import Principal, create_user, set_tenant_weight, set_user_weight
 from shared.db import read_only, transaction
-from shared.fairshare import fair_order, pick_for_release
 from shared.models import Job, JobState, UserQueue, utcnow
 from shared.params import KolorsParams
-from shared.queries import next_in_fair_order, queue_place
+from shared.scheduling.fairshare import fair_order, pick_for_release
+from shared.scheduling.order import next_in_fair_order
+from shared.scheduling.positions import queue_place
 from shared.transitions import (
     cancel_job,
     claim_job,

@@ -41,7 +41,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.accounts import Principal, create_user, set_tenant_weight, set_user_weight
 from shared.db import make_engine, make_session_factory, transaction
 from shared.errors import JobNotFound, NotEnoughCredits, StaleAttempt
-from shared.fairshare import fair_order, pick_for_release
 from shared.ledger import get_balance, held_for_job, ledger_balance
 from shared.migrate import migrate_database
 from shared.models import (
@@ -60,7 +59,9 @@ from shared.models import (
 )
 from shared.params import KolorsParams
 from shared.pricing import price_per_image
-from shared.queries import job_state, queue_place
+from shared.queries import job_state
+from shared.scheduling.fairshare import fair_order, pick_for_release
+from shared.scheduling.positions import queue_place
 from shared.transitions import (
     DEADLINE_ERROR,
     LeaseOutcome,

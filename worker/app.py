@@ -13,8 +13,8 @@ from celery import Celery
 
 from shared.cache import FINGERPRINT_FIELD
 from shared.celery_app import RENDER_QUEUE, RENDER_TASK, make_celery
-from shared.events import forget_worker, record_heartbeat, reset_settling
 from shared.resources import open_resources
+from shared.scheduling.fleet import forget_worker, record_heartbeat, reset_settling
 from shared.settings import Settings
 from worker.pipeline import KolorsRenderer
 from worker.service import WorkerContext, start_render_job

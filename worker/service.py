@@ -35,12 +35,9 @@ from shared.errors import StaleAttempt
 from shared.events import (
     Progress,
     announce_job_finished,
-    count_settling,
     is_cancel_requested,
     publish_job_state,
     publish_progress,
-    record_render_speed,
-    wake_dispatcher,
 )
 from shared.imaging import encode_image
 from shared.metrics import (
@@ -54,7 +51,8 @@ from shared.metrics import (
     record,
 )
 from shared.models import JobState, utcnow
-from shared.queries import work_units
+from shared.scheduling.fleet import count_settling, record_render_speed, wake_dispatcher
+from shared.scheduling.order import work_units
 from shared.settings import Settings
 from shared.storage import ResultStorage
 from shared.transitions import (

@@ -914,9 +914,9 @@ def _bare_result(proc: subprocess.Popen[bytes], log: Path) -> dict[str, float]:
 
 def stage_e(ctx: Context) -> None:
     """Worker process start to ready, against a bare from_pretrained(...).to(device)."""
-    from shared.events import live_workers
     from shared.migrate import migrate_database
     from shared.redis_client import make_redis
+    from shared.scheduling.fleet import live_workers
 
     device = ctx.device
     dtype = resolve_dtype(ctx.settings.dtype, device)

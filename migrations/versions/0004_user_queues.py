@@ -214,7 +214,7 @@ def _backfill() -> None:
 
 
 def _backfill_tenants(bind: sa.engine.Connection) -> None:
-    """Each tenant's queue, summed from its users' lines (as shared.lines keeps it)."""
+    """Each tenant's queue, summed from its users' lines (as shared.scheduling.lines keeps it)."""
     tenants = bind.execute(sa.text("SELECT id, weight FROM tenants")).all()
     for tenant_id, weight in tenants:
         sums = bind.execute(

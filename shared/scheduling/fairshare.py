@@ -499,7 +499,7 @@ def jobs_ahead(lines: Sequence[UserLine], job: QueuedJob, rank: int, resolve: Re
     are broken by age, which needs the key of the tied job: the line's ends give
     it, or tell whether it is older; otherwise `resolve` reads it (at most two
     calls, each with every key still needed). The database computes the same sum
-    across tenants in SQL (see `shared.queries.queue_place`).
+    across tenants in SQL (see `shared.scheduling.positions.queue_place`).
     """
     own_tenant = next(line.tenant_id for line in lines if line.user_id == job.user_id)
     tenant_lines = [line for line in lines if line.tenant_id == own_tenant]

@@ -222,7 +222,7 @@ def refresh_tenant(session: Session, tenant_id: int) -> None:
     """Recompute a tenant's queue from its users' lines (one row per active user).
 
     Its next job is its users' first jobs' minimum by (in_flight + 1) / weight, then
-    age: the order `shared.fairshare` gives a tenant's users.
+    age: the order `shared.scheduling.fairshare` gives a tenant's users.
     """
     weight = session.execute(
         select(TenantQueue.weight).where(TenantQueue.tenant_id == tenant_id).with_for_update()
