@@ -25,7 +25,7 @@ from pydantic import (
 from api.auth import authenticated, current_principal
 from api.context import farm
 from api.spec import operation, parse_query, respond
-from shared.admin import (
+from shared.accounts.admin import (
     MAX_NOTE_CHARS,
     grant_to_user,
     parse_grant_amount,
@@ -33,10 +33,10 @@ from shared.admin import (
     tenant_page,
     user_page,
 )
+from shared.accounts.history import bad_cursor, decode_cursor, encode_cursor
+from shared.accounts.pricing import format_credits
 from shared.db import read_only, transaction
 from shared.errors import FieldProblem, InvalidParams
-from shared.history import bad_cursor, decode_cursor, encode_cursor
-from shared.pricing import format_credits
 from shared.scheduling.fleet import DISPATCH_LOCK_KEY, fleet
 from shared.webhooks import secrets_by_name
 

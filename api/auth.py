@@ -15,10 +15,10 @@ from flask import Response, after_this_request, g, request
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.context import farm
-from shared.accounts import Principal, check_api_key, last_use_is_stale, record_key_use
+from shared.accounts.ledger import get_balance
+from shared.accounts.pricing import format_credits
+from shared.accounts.users import Principal, check_api_key, last_use_is_stale, record_key_use
 from shared.db import read_only, transaction
-from shared.ledger import get_balance
-from shared.pricing import format_credits
 
 P = ParamSpec("P")
 R = TypeVar("R")

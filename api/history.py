@@ -21,9 +21,7 @@ from api.schemas import (
 )
 from api.spec import ResponseHeader, operation, parse_query, respond
 from api.views import image_links
-from shared.bodies import failure_fields, links_expire_at
-from shared.db import read_only
-from shared.history import (
+from shared.accounts.history import (
     account,
     decode_history_cursor,
     decode_usage_cursor,
@@ -33,8 +31,10 @@ from shared.history import (
     usage_page,
     usage_window,
 )
+from shared.accounts.pricing import format_credits
+from shared.bodies import failure_fields, links_expire_at
+from shared.db import read_only
 from shared.models import Job, utcnow
-from shared.pricing import format_credits
 from shared.queries import public_status, results_expired
 
 bp = Blueprint("history", __name__)

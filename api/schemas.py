@@ -15,7 +15,7 @@ from shared.bodies import Output as Output
 from shared.bodies import Progress as Progress
 from shared.bodies import PublicStatus as PublicStatus
 
-Credits = str  # a decimal string, e.g. "9.5" (shared.pricing.format_credits)
+Credits = str  # a decimal string, e.g. "9.5" (shared.accounts.pricing.format_credits)
 
 CREDITS_PATTERN = r"^[0-9]+(\.[0-9]{1,3})?$"
 

@@ -34,6 +34,8 @@ from api.spec import (
     operation,
     respond,
 )
+from shared.accounts.ledger import get_balance
+from shared.accounts.pricing import format_credits
 from shared.bodies import (
     failure_fields,
     image_link,
@@ -66,7 +68,6 @@ from shared.idempotency import (
     release_claim,
     submission_fingerprint,
 )
-from shared.ledger import get_balance
 from shared.links import signing_key, verify_image_link
 from shared.metrics import (
     ImageRecorded,
@@ -77,7 +78,6 @@ from shared.metrics import (
 )
 from shared.models import TERMINAL_STATES, Job, JobState, utcnow
 from shared.params import CONTENT_TYPES, RANDOM_SEED, KolorsParams, parse_params
-from shared.pricing import format_credits
 from shared.queries import ensure_results_retained, get_job, job_state, public_status
 from shared.scheduling.fleet import DISPATCH_LOCK_KEY, fleet, live_workers, wake_dispatcher
 from shared.scheduling.order import job_work

@@ -56,7 +56,7 @@ import torch  # noqa: E402
 from diffusers.pipelines.kolors.pipeline_kolors import KolorsPipeline  # noqa: E402
 
 from control.launcher import start_scratch_redis  # noqa: E402
-from shared.accounts import Principal, create_user  # noqa: E402
+from shared.accounts.users import Principal, create_user  # noqa: E402
 from shared.db import make_engine, make_session_factory, transaction  # noqa: E402
 from shared.migrate import migrate_database  # noqa: E402
 from shared.models import Job, JobState  # noqa: E402

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.orm import Session
 
-    from shared.accounts import KeyInfo
+    from shared.accounts.users import KeyInfo
 
 T = TypeVar("T")
 
@@ -35,7 +35,7 @@ def _configure_logging() -> None:
 
 
 def _credits(value: str) -> int:
-    from shared.pricing import credits_to_millicredits
+    from shared.accounts.pricing import credits_to_millicredits
 
     try:
         amount = credits_to_millicredits(Decimal(value))
@@ -214,10 +214,10 @@ def users() -> None:
 )
 def users_create(name: str, tenant: str | None, credit_text: str, admin: bool) -> None:
     """Create a user; prints its new API key alone on the last line."""
-    from shared.accounts import create_user
+    from shared.accounts.pricing import format_credits
+    from shared.accounts.users import create_user
     from shared.db import make_engine, make_session_factory, transaction
     from shared.errors import FarmError
-    from shared.pricing import format_credits
 
     amount = _credits(credit_text)
     engine = make_engine(_settings().resolved_database_url)
@@ -240,7 +240,7 @@ def users_create(name: str, tenant: str | None, credit_text: str, admin: bool) -
 @click.argument("weight", type=click.IntRange(1, 10_000))
 def users_weight(name: str, weight: int) -> None:
     """Set user NAME's fair-share WEIGHT (1 to 10000, default 1) among its tenant's users."""
-    from shared.accounts import set_user_weight
+    from shared.accounts.users import set_user_weight
 
     _set_weight(set_user_weight, name, weight)
     click.echo(f"user {name!r} now has fair-share weight {weight}")
@@ -256,7 +256,7 @@ def tenants() -> None:
 @click.argument("weight", type=click.IntRange(1, 10_000))
 def tenants_weight(name: str, weight: int) -> None:
     """Set tenant NAME's fair-share WEIGHT (1 to 10000, default 1) among tenants."""
-    from shared.accounts import set_tenant_weight
+    from shared.accounts.users import set_tenant_weight
 
     _set_weight(set_tenant_weight, name, weight)
     click.echo(f"tenant {name!r} now has fair-share weight {weight}")
@@ -286,11 +286,11 @@ def credits() -> None:
 @click.argument("amount")
 def credits_grant(name: str, amount: str) -> None:
     """Add AMOUNT credits to user NAME (a ledger entry)."""
-    from shared.accounts import find_user
+    from shared.accounts.ledger import grant_credits
+    from shared.accounts.pricing import format_credits
+    from shared.accounts.users import find_user
     from shared.db import make_engine, make_session_factory, transaction
     from shared.errors import FarmError
-    from shared.ledger import grant_credits
-    from shared.pricing import format_credits
 
     millicredits = _credits(amount)
     if millicredits == 0:
@@ -319,7 +319,7 @@ def keys() -> None:
 @click.argument("name")
 def keys_create(name: str) -> None:
     """Issue one more API key for user NAME; prints it alone on the last line."""
-    from shared.accounts import DISPLAY_PREFIX_LENGTH, create_key_for_user
+    from shared.accounts.users import DISPLAY_PREFIX_LENGTH, create_key_for_user
 
     key = _with_session(lambda session: create_key_for_user(session, name))
     click.echo(
@@ -339,7 +339,7 @@ def keys_list(name: str, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from shared.accounts import list_api_keys
+    from shared.accounts.users import list_api_keys
 
     found = _with_session(lambda session: list_api_keys(session, name))
     if as_json:
@@ -370,7 +370,7 @@ def keys_revoke(prefix: str) -> None:
     The key is refused from its next request on. Revoking a key that is already revoked
     changes nothing, says so and exits 0.
     """
-    from shared.accounts import revoke_api_key
+    from shared.accounts.users import revoke_api_key
 
     info, revoked = _with_session(lambda session: revoke_api_key(session, prefix))
     if revoked:

@@ -15,7 +15,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from shared.accounts import Principal
+from shared.accounts.users import Principal
 from shared.errors import JobNotFound, ResultsExpired
 from shared.models import (
     LIVE_DEADLINE,

@@ -27,13 +27,13 @@ from typing import Any, Final
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
-from shared.accounts import Principal
+from shared.accounts.ledger import capture_image_credit, hold_credits, release_hold
+from shared.accounts.pricing import price_per_image
+from shared.accounts.users import Principal
 from shared.cache import CacheHit, cached_price
 from shared.errors import StaleAttempt, TooManyJobs
-from shared.ledger import capture_image_credit, hold_credits, release_hold
 from shared.models import RELEASED, RUNNING, WAITING, Job, JobImage, JobState, utcnow
 from shared.params import EXTENSIONS, MAX_SEED, RANDOM_SEED, KolorsParams
-from shared.pricing import price_per_image
 from shared.queries import expired_leases, get_job, past_deadline
 from shared.scheduling.fairshare import QueuedJob
 from shared.scheduling.lines import (

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from control.launcher import RedisServer, start_scratch_redis
-from shared.accounts import Principal, create_user
+from shared.accounts.users import Principal, create_user
 from shared.db import make_engine, make_session_factory, transaction
 from shared.migrate import migrate_database
 from shared.models import Job, Tenant, User

@@ -11,7 +11,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.accounts import create_user
+from shared.accounts.users import create_user
 from shared.db import read_only, transaction
 from shared.models import LedgerEntry, User
 from shared.scheduling.fleet import DISPATCH_LOCK_KEY, record_heartbeat, record_render_speed

@@ -11,8 +11,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.accounts.ledger import ledger_balance
 from shared.db import transaction
-from shared.ledger import ledger_balance
 from shared.models import Job, LedgerEntry
 from shared.scheduling.fleet import (
     DISPATCH_LOCK_KEY,

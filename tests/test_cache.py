@@ -30,6 +30,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.app import create_app
 from control.launcher import RedisServer
 from control.processes import free_port
+from shared.accounts.ledger import get_balance, held_for_job, ledger_balance
+from shared.accounts.pricing import price_per_image
 from shared.cache import (
     FINGERPRINT_FIELD,
     cache_key,
@@ -41,10 +43,8 @@ from shared.cache import (
 )
 from shared.db import make_engine, read_only, transaction
 from shared.imaging import encode_image
-from shared.ledger import get_balance, held_for_job, ledger_balance
 from shared.models import Job, JobImage, JobState, LedgerEntry
 from shared.params import KolorsParams
-from shared.pricing import price_per_image
 from shared.redis_client import make_redis
 from shared.scheduling.fleet import forget_worker, live_workers, record_heartbeat
 from shared.settings import Settings

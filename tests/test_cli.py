@@ -54,9 +54,9 @@ def descendants(pid: int) -> list[str]:
 def test_users_create_prints_the_key_last_and_credits_grant_adds(
     env: dict[str, str], tmp_path: Path
 ) -> None:
-    from shared.accounts import authenticate
+    from shared.accounts.ledger import get_balance, ledger_balance
+    from shared.accounts.users import authenticate
     from shared.db import make_engine, make_session_factory, transaction
-    from shared.ledger import get_balance, ledger_balance
 
     out = cli(env, "users", "create", "carol", "--tenant", "design", "--credits", "2.5").stdout
     key = out.strip().splitlines()[-1]

@@ -15,10 +15,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from control.dispatcher import Dispatcher
+from shared.accounts.ledger import get_balance, ledger_balance
 from shared.celery_app import RENDER_QUEUE, make_celery
 from shared.db import transaction
 from shared.errors import StaleAttempt, TooManyJobs
-from shared.ledger import get_balance, ledger_balance
 from shared.models import Job, JobState, LedgerEntry, LedgerKind, utcnow
 from shared.params import KolorsParams
 from shared.queries import stale_releases

@@ -24,8 +24,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from control.launcher import RedisServer, start_scratch_redis
+from shared.accounts.ledger import get_balance, held_for_job, ledger_balance
 from shared.db import make_engine, make_session_factory, transaction
-from shared.ledger import get_balance, held_for_job, ledger_balance
 from shared.migrate import migrate_database
 from shared.models import TERMINAL_STATES, Job, JobImage, LedgerEntry, LedgerKind, User
 from shared.scheduling.fleet import DISPATCH_LOCK_KEY

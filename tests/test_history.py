@@ -17,12 +17,12 @@ from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql import ClauseElement
 
+from shared.accounts.history import HistoryKey, UsageKey, history_read, usage_read
+from shared.accounts.ledger import grant_credits
+from shared.accounts.pricing import format_credits
 from shared.db import transaction
-from shared.history import HistoryKey, UsageKey, history_read, usage_read
-from shared.ledger import grant_credits
 from shared.migrate import alembic_config, migrate_database
 from shared.models import Job, JobState, LedgerEntry, User, utcnow
-from shared.pricing import format_credits
 from shared.transitions import claim_job, fail_job, finish_job, record_image
 from tests.conftest import ApiUser, make_user, release_job
 

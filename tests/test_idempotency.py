@@ -26,6 +26,7 @@ from werkzeug.serving import make_server
 
 from control.dispatcher import Dispatcher
 from control.launcher import start_scratch_redis
+from shared.accounts.ledger import grant_credits
 from shared.celery_app import make_celery
 from shared.db import transaction
 from shared.idempotency import (
@@ -34,7 +35,6 @@ from shared.idempotency import (
     delete_expired_keys,
     submission_fingerprint,
 )
-from shared.ledger import grant_credits
 from shared.models import IdempotencyKey, Job, LedgerEntry, LedgerKind, utcnow
 from shared.params import parse_params
 from shared.settings import Settings

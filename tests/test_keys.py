@@ -14,7 +14,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from control.cli import main
-from shared.accounts import DISPLAY_PREFIX_LENGTH, hash_api_key
+from shared.accounts.users import DISPLAY_PREFIX_LENGTH, hash_api_key
 from shared.db import read_only, transaction
 from shared.models import ApiKey, utcnow
 from shared.settings import Settings

@@ -11,9 +11,9 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.accounts.ledger import get_balance, grant_credits, held_for_job, ledger_balance
 from shared.db import transaction
 from shared.errors import NotEnoughCredits, StaleAttempt
-from shared.ledger import get_balance, grant_credits, held_for_job, ledger_balance
 from shared.models import Job, JobState, LedgerEntry, LedgerKind, User
 from shared.params import KolorsParams
 from shared.transitions import (

@@ -41,7 +41,7 @@ from werkzeug.serving import make_server
 
 from api.app import create_app
 from control.launcher import RedisServer
-from shared.accounts import create_user
+from shared.accounts.users import create_user
 from shared.db import transaction
 from shared.migrate import migrate_database
 from shared.settings import Settings

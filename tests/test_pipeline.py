@@ -28,10 +28,10 @@ from sqlalchemy import Engine, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from control.launcher import RedisServer
+from shared.accounts.ledger import get_balance, ledger_balance
 from shared.celery_app import make_celery, publish_render
 from shared.db import make_engine, make_session_factory, transaction
 from shared.events import read_progress
-from shared.ledger import get_balance, ledger_balance
 from shared.migrate import migrate_database
 from shared.models import Job, JobImage, LedgerEntry
 from shared.params import KolorsParams

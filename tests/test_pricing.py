@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from shared.pricing import credits_to_millicredits, format_credits, price_per_image
+from shared.accounts.pricing import credits_to_millicredits, format_credits, price_per_image
 
 ONE = Decimal("1")
 

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.accounts import Principal, create_user, set_tenant_weight, set_user_weight
+from shared.accounts.users import Principal, create_user, set_tenant_weight, set_user_weight
 from shared.db import read_only, transaction
 from shared.models import Job, JobState, UserQueue, utcnow
 from shared.params import KolorsParams

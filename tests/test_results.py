@@ -26,10 +26,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from control.processes import free_port
+from shared.accounts.ledger import get_balance, ledger_balance
 from shared.db import transaction
 from shared.errors import ExpiredLink, InvalidLink
 from shared.imaging import read_generation_record
-from shared.ledger import get_balance, ledger_balance
 from shared.links import (
     KEY_FILE,
     ImageLink,

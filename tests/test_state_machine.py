@@ -38,10 +38,11 @@ from hypothesis.stateful import (
 from sqlalchemy import Table, case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.accounts import Principal, create_user, set_tenant_weight, set_user_weight
+from shared.accounts.ledger import get_balance, held_for_job, ledger_balance
+from shared.accounts.pricing import price_per_image
+from shared.accounts.users import Principal, create_user, set_tenant_weight, set_user_weight
 from shared.db import make_engine, make_session_factory, transaction
 from shared.errors import JobNotFound, NotEnoughCredits, StaleAttempt
-from shared.ledger import get_balance, held_for_job, ledger_balance
 from shared.migrate import migrate_database
 from shared.models import (
     LIVE_STATES,
@@ -58,7 +59,6 @@ from shared.models import (
     utcnow,
 )
 from shared.params import KolorsParams
-from shared.pricing import price_per_image
 from shared.queries import job_state
 from shared.scheduling.fairshare import fair_order, pick_for_release
 from shared.scheduling.positions import queue_place

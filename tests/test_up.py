@@ -29,8 +29,8 @@ from sqlalchemy import select
 
 from control.launcher import GIVE_UP_AFTER
 from control.processes import free_port
+from shared.accounts.ledger import get_balance, held_for_job, ledger_balance
 from shared.db import make_engine, make_session_factory, transaction
-from shared.ledger import get_balance, held_for_job, ledger_balance
 from shared.models import Job, JobImage, LedgerEntry, LedgerKind
 from tests.processes import wait_for
 

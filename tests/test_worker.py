@@ -16,9 +16,9 @@ from PIL import Image
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.accounts.ledger import get_balance, ledger_balance
 from shared.db import transaction
 from shared.events import read_progress, request_cancel
-from shared.ledger import get_balance, ledger_balance
 from shared.models import Job, JobImage, LedgerEntry
 from shared.params import KolorsParams
 from shared.redis_client import make_redis

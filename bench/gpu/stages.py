@@ -665,7 +665,7 @@ def _sqlite_url(data_dir: Path) -> str:
 
 def _create_user(data_dir: Path) -> str:
     """A user with plenty of credits in the farm's database; its API key."""
-    from shared.accounts import create_user
+    from shared.accounts.users import create_user
     from shared.db import make_engine, make_session_factory, transaction
 
     engine = make_engine(_sqlite_url(data_dir))

@@ -11,8 +11,8 @@ from typing import Final
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from shared.accounts.ledger import grant_credits
 from shared.errors import Conflict, NotFound, Unauthorized
-from shared.ledger import grant_credits
 from shared.models import MAX_WEIGHT, ApiKey, Tenant, TenantQueue, User, UserQueue, utcnow
 from shared.scheduling.lines import refresh_tenant
 

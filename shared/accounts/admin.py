@@ -15,11 +15,11 @@ from typing import Final
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.accounts import Principal, find_user
+from shared.accounts.ledger import grant_credits
+from shared.accounts.pricing import credits_to_millicredits
+from shared.accounts.users import Principal, find_user
 from shared.errors import FarmError, InvalidParams
-from shared.ledger import grant_credits
 from shared.models import Tenant, TenantQueue, User
-from shared.pricing import credits_to_millicredits
 
 # One grant may add at most this many credits: a typo of a few extra digits is refused,
 # and a balance can never approach the BIGINT it is stored in.
