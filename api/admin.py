@@ -38,7 +38,7 @@ from shared.accounts.pricing import format_credits
 from shared.db import read_only, transaction
 from shared.errors import FieldProblem, InvalidParams
 from shared.scheduling.fleet import DISPATCH_LOCK_KEY, fleet
-from shared.webhooks import secrets_by_name
+from shared.webhooks.secrets import secrets_by_name
 
 bp = Blueprint("admin", __name__)
 

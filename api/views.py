@@ -83,7 +83,7 @@ from shared.scheduling.fleet import DISPATCH_LOCK_KEY, fleet, live_workers, wake
 from shared.scheduling.order import job_work
 from shared.scheduling.positions import estimate_wait_seconds, queue_place
 from shared.transitions import cancel_job, image_storage_key, new_job_id, submit_job
-from shared.webhook_urls import check_webhook
+from shared.webhooks.urls import check_webhook
 
 log = logging.getLogger(__name__)
 bp = Blueprint("kolors", __name__)

@@ -14,7 +14,7 @@ from api.errors import problem
 from api.spec import operation, respond
 from shared.db import read_only, transaction
 from shared.queries import get_job
-from shared.webhooks import (
+from shared.webhooks.outbox import (
     DeliveryInfo,
     NothingToRedeliver,
     job_events,

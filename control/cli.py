@@ -574,7 +574,7 @@ def webhooks() -> None:
 @click.argument("tenant")
 def webhooks_secret(tenant: str) -> None:
     """Print TENANT's webhook signing secret alone on the last line (created if missing)."""
-    from shared.webhooks import tenant_secret_by_name
+    from shared.webhooks.secrets import tenant_secret_by_name
 
     secret = _with_session(lambda session: tenant_secret_by_name(session, tenant))
     click.echo(f"webhook signing secret of tenant {tenant!r} (verify with Standard Webhooks):")
@@ -585,7 +585,7 @@ def webhooks_secret(tenant: str) -> None:
 @click.argument("tenant")
 def webhooks_rotate(tenant: str) -> None:
     """Replace TENANT's secret; the old one keeps signing for 24 hours. Prints the new one last."""
-    from shared.webhooks import rotate_secret
+    from shared.webhooks.secrets import rotate_secret
 
     secret = _with_session(lambda session: rotate_secret(session, tenant))
     click.echo(

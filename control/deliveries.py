@@ -3,7 +3,7 @@
 `kolors-farm webhooks worker` runs both in one process, with no model and no
 GPU: a thread pool of HTTP attempts (a receiver that hangs holds one thread for
 the timeout, never a render) and a sweeper thread. The sweeper claims due rows
-of the outbox (`shared.webhooks.claim_due`: pending, `next_attempt_at` passed) in
+of the outbox (`shared.webhooks.outbox.claim_due`: pending, `next_attempt_at` passed) in
 bounded batches and enqueues one task per claim. It runs every
 `webhook_sweep_interval_s`, and at once when a job ends (it listens to the jobs'
 end notices), so a `completed` event leaves within milliseconds of the commit. Any
@@ -29,17 +29,11 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from shared.celery_app import make_celery
 from shared.db import transaction
 from shared.events import job_channel
+from shared.jobs.deliveries import prepare
 from shared.resources import Resources, open_resources
 from shared.settings import Settings
-from shared.webhooks import (
-    Claim,
-    claim_due,
-    http_client,
-    post,
-    prepare,
-    record_outcome,
-    take_claim,
-)
+from shared.webhooks.delivery import http_client, post
+from shared.webhooks.outbox import Claim, claim_due, record_outcome, take_claim
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from shared.errors import FieldProblem, InvalidParams
-from shared.webhook_urls import WebhookRefused, check_url_syntax
+from shared.webhooks.urls import WebhookRefused, check_url_syntax
 
 MAX_SEED: Final = 2**32 - 1
 RANDOM_SEED: Final = -1

@@ -32,7 +32,15 @@ from shared.accounts.pricing import price_per_image
 from shared.accounts.users import Principal
 from shared.cache import CacheHit, cached_price
 from shared.errors import StaleAttempt, TooManyJobs
-from shared.models import RELEASED, RUNNING, WAITING, Job, JobImage, JobState, utcnow
+from shared.models import (
+    RELEASED,
+    RUNNING,
+    WAITING,
+    Job,
+    JobImage,
+    JobState,
+    utcnow,
+)
 from shared.params import EXTENSIONS, MAX_SEED, RANDOM_SEED, KolorsParams
 from shared.queries import expired_leases, get_job, past_deadline
 from shared.scheduling.fairshare import QueuedJob
@@ -46,7 +54,7 @@ from shared.scheduling.lines import (
     save_line,
 )
 from shared.scheduling.order import next_in_fair_order
-from shared.webhooks import COMPLETED, START, add_delivery, webhook_fields
+from shared.webhooks.outbox import COMPLETED, START, add_delivery
 
 DEADLINE_ERROR: Final = "The request's deadline passed; undelivered images were not charged"
 CANCELLED_ERROR: Final = "Cancelled by the user"
@@ -643,3 +651,13 @@ def mark_results_deleted(session: Session, job_id: str) -> None:
 def release_next_jobs(session: Session, slots: int, max_running_per_user: int) -> list[str]:
     """Release up to `slots` waiting jobs in fair-share order; return their ids."""
     return release_jobs(session, next_in_fair_order(session, slots, max_running_per_user))
+
+
+def webhook_fields(params: KolorsParams) -> dict[str, str | None]:
+    """A new job's `webhook_url` and `webhook_events` columns, from its request."""
+    if params.webhook is None:
+        return {"webhook_url": None, "webhook_events": None}
+    return {
+        "webhook_url": params.webhook,
+        "webhook_events": ",".join(params.webhook_events_filter),
+    }

@@ -34,17 +34,15 @@ from shared.models import (
 from shared.params import parse_params
 from shared.settings import Settings
 from shared.transitions import claim_job, fail_job, record_image, submit_job
-from shared.webhook_urls import Target, WebhookRefused, check_url_syntax, resolve_target
-from shared.webhooks import (
-    Claim,
-    claim_due,
-    due_read,
+from shared.webhooks.outbox import Claim, claim_due, due_read
+from shared.webhooks.secrets import (
     rotate_secret,
     sign,
     signing_secrets,
     tenant_secret,
     tenant_secret_by_name,
 )
+from shared.webhooks.urls import Target, WebhookRefused, check_url_syntax, resolve_target
 from tests.conftest import ApiUser, make_user, release_job, resources_for
 from tests.test_history import plan
 from tests.webhook_receiver import Receiver, running_receiver

@@ -18,45 +18,26 @@ secret of the tenant, and POSTed to the address the guard resolved and checked
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import random
-import secrets
-import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-import httpx
 from sqlalchemy import Select, delete, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from standardwebhooks.webhooks import Webhook
 
-from shared import bodies
-from shared.errors import NotFound
 from shared.models import (
     DELIVERY_PENDING_SQL,
     DisabledWebhook,
-    Job,
-    Tenant,
     WebhookAttempt,
     WebhookDelivery,
-    WebhookSecret,
     utcnow,
 )
-from shared.params import KolorsParams
-from shared.queries import results_expired
 from shared.settings import Settings
-from shared.storage import ResultStorage
-from shared.webhook_urls import (
-    WebhookRefused,
-    allowed_networks,
-    resolve_target,
-)
+from shared.webhooks.delivery import Outcome, Prepared
 
 EVENTS: Final = ("start", "completed")
 DEFAULT_EVENTS: Final = ("completed",)
@@ -66,14 +47,6 @@ PENDING: Final = "pending"
 DELIVERED: Final = "delivered"
 FAILED: Final = "failed"
 DISABLED: Final = "disabled"
-
-SECRET_PREFIX: Final = "whsec_"  # noqa: S105 - the format's prefix, not a secret
-SECRET_BYTES: Final = 32
-ROTATION_OVERLAP: Final = timedelta(hours=24)
-RESPONSE_CAP_BYTES: Final = 4096
-ERROR_LENGTH: Final = 500
-RETRYABLE_STATUSES: Final = frozenset({408, 429})
-USER_AGENT: Final = "kolors-farm-webhooks/1"
 
 
 # ---------------------------------------------------------------- settings
@@ -87,97 +60,12 @@ def backoff_schedule(settings: Settings) -> list[float]:
 # ---------------------------------------------------------------- secrets
 
 
-def new_secret() -> str:
-    """A new signing secret in the Standard Webhooks format: whsec_ + base64 of random bytes."""
-    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode("ascii")
-
-
-def _tenant_id(session: Session, name: str) -> int:
-    tenant_id = session.execute(select(Tenant.id).where(Tenant.name == name)).scalar_one_or_none()
-    if tenant_id is None:
-        raise NotFound(f"No tenant named {name!r}")
-    return tenant_id
-
-
-def _current_secret(session: Session, tenant_id: int) -> WebhookSecret | None:
-    return session.execute(
-        select(WebhookSecret)
-        .where(WebhookSecret.tenant_id == tenant_id, WebhookSecret.expires_at.is_(None))
-        .order_by(WebhookSecret.id.desc())
-        .limit(1)
-    ).scalar_one_or_none()
-
-
-def tenant_secret(session: Session, tenant_id: int) -> str:
-    """The tenant's current signing secret, created on first use."""
-    current = _current_secret(session, tenant_id)
-    if current is None:
-        current = WebhookSecret(tenant_id=tenant_id, secret=new_secret())
-        session.add(current)
-        session.flush()
-    return current.secret
-
-
-def tenant_secret_by_name(session: Session, tenant: str) -> str:
-    """The current signing secret of the tenant called `tenant` (created if missing)."""
-    return tenant_secret(session, _tenant_id(session, tenant))
-
-
-def secrets_by_name(session: Session, tenant: str) -> list[str]:
-    """Every secret that signs for the tenant called `tenant` now, the current one first."""
-    return signing_secrets(session, _tenant_id(session, tenant))
-
-
-def rotate_secret(session: Session, tenant: str) -> str:
-    """Replace the tenant's secret; the old one keeps signing for 24 hours. The new secret."""
-    tenant_id = _tenant_id(session, tenant)
-    session.execute(
-        update(WebhookSecret)
-        .where(WebhookSecret.tenant_id == tenant_id, WebhookSecret.expires_at.is_(None))
-        .values(expires_at=utcnow() + ROTATION_OVERLAP)
-    )
-    fresh = WebhookSecret(tenant_id=tenant_id, secret=new_secret())
-    session.add(fresh)
-    session.flush()
-    return fresh.secret
-
-
-def signing_secrets(session: Session, tenant_id: int, now: datetime | None = None) -> list[str]:
-    """Every secret of the tenant that still signs: the current one and any rotated < 24 h ago."""
-    moment = now or utcnow()
-    tenant_secret(session, tenant_id)
-    found = session.execute(
-        select(WebhookSecret.secret)
-        .where(
-            WebhookSecret.tenant_id == tenant_id,
-            (WebhookSecret.expires_at.is_(None)) | (WebhookSecret.expires_at > moment),
-        )
-        .order_by(WebhookSecret.id.desc())
-    ).scalars()
-    return list(found)
-
-
-def sign(secrets_: Sequence[str], msg_id: str, timestamp: datetime, body: str) -> str:
-    """The `webhook-signature` header: one `v1,<base64>` per secret, space-separated."""
-    return " ".join(Webhook(secret).sign(msg_id, timestamp, body) for secret in secrets_)
-
-
 # ---------------------------------------------------------------- the outbox
 
 
 def new_delivery_id() -> str:
     """A stable, unguessable `webhook-id`."""
     return "msg_" + uuid.uuid4().hex
-
-
-def webhook_fields(params: KolorsParams) -> dict[str, str | None]:
-    """A new job's `webhook_url` and `webhook_events` columns, from its request."""
-    if params.webhook is None:
-        return {"webhook_url": None, "webhook_events": None}
-    return {
-        "webhook_url": params.webhook,
-        "webhook_events": ",".join(params.webhook_events_filter),
-    }
 
 
 def job_events(webhook_events: str | None) -> set[str]:
@@ -295,141 +183,7 @@ def is_disabled(session: Session, tenant_id: int, url: str) -> bool:
 # ---------------------------------------------------------------- the body
 
 
-def status_body(job: Job) -> dict[str, Any]:
-    """The `start` event's body: GET /v2/requests/{id}/status as it stands (no live progress)."""
-    return bodies.status_body(job).model_dump(mode="json")
-
-
-def result_body(job: Job, settings: Settings, storage: ResultStorage) -> dict[str, Any]:
-    """The `completed` event's body: GET /v2/requests/{id} with fresh, absolute image links.
-
-    Links are absolute under `public_base_url`; when it is unset they are paths
-    (`/v2/results/...`) the receiver resolves against the farm's address.
-    """
-    expires_at = bodies.links_expire_at(job, settings)
-    images = [] if results_expired(job) else list(job.images)
-    base = settings.public_base_url or ""
-    links = [bodies.image_link(job, image, expires_at, settings, storage, base) for image in images]
-    return bodies.result_body(job, images, links, expires_at).model_dump(mode="json")
-
-
 # ---------------------------------------------------------------- one attempt
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """Everything an attempt needs, read in one short transaction (none is held while sending)."""
-
-    delivery_id: str
-    tenant_id: int
-    url: str
-    event: str
-    body: str
-    secrets: list[str]
-    skip: str | None = None  # DISABLED: the URL answered 410 before; nothing is sent
-
-
-def prepare(
-    session: Session, delivery_id: str, settings: Settings, storage: ResultStorage
-) -> Prepared:
-    """Read the delivery, its job and the tenant's secrets; render the body."""
-    delivery = session.get_one(WebhookDelivery, delivery_id)
-    if is_disabled(session, delivery.tenant_id, delivery.url):
-        return Prepared(
-            delivery_id, delivery.tenant_id, delivery.url, delivery.event, "", [], DISABLED
-        )
-    job = session.get_one(Job, delivery.job_id)
-    body = status_body(job) if delivery.event == START else result_body(job, settings, storage)
-    return Prepared(
-        delivery_id=delivery_id,
-        tenant_id=delivery.tenant_id,
-        url=delivery.url,
-        event=delivery.event,
-        body=json.dumps(body, separators=(",", ":"), ensure_ascii=False),
-        secrets=signing_secrets(session, delivery.tenant_id),
-    )
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one HTTP attempt gave: a status code, or an error (no answer)."""
-
-    status_code: int | None
-    latency_ms: int
-    error: str | None
-
-    @property
-    def retryable(self) -> bool:
-        """Timeouts, connection errors, 5xx, 408 and 429 are tried again later."""
-        code = self.status_code
-        return code is None or code >= 500 or code in RETRYABLE_STATUSES
-
-    @property
-    def delivered(self) -> bool:
-        """A 2xx answer."""
-        return self.status_code is not None and 200 <= self.status_code < 300
-
-
-def post(prepared: Prepared, settings: Settings, client: httpx.Client) -> Outcome:
-    """POST the signed body to the checked address; never follows a redirect."""
-    started = time.monotonic()
-    try:
-        target = resolve_target(prepared.url, allowed_networks(settings))
-    except WebhookRefused as exc:
-        return Outcome(None, 0, f"refused: {exc.message}"[:ERROR_LENGTH])
-    timestamp = utcnow()
-    headers = {
-        "host": target.host_header,
-        "content-type": "application/json",
-        "user-agent": USER_AGENT,
-        "webhook-id": prepared.delivery_id,
-        "webhook-timestamp": str(int(timestamp.timestamp())),
-        "webhook-signature": sign(prepared.secrets, prepared.delivery_id, timestamp, prepared.body),
-    }
-    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-    deadline = started + settings.webhook_timeout_s
-    try:
-        with client.stream(
-            "POST",
-            target.connect_url,
-            content=prepared.body.encode("utf-8"),
-            headers=headers,
-            extensions=extensions,
-            follow_redirects=False,
-        ) as response:
-            text = _read_capped(response, deadline)
-            code = response.status_code
-    except httpx.TimeoutException:
-        return Outcome(None, _ms(started), "timed out")
-    except httpx.HTTPError as exc:
-        return Outcome(None, _ms(started), f"{type(exc).__name__}: {exc}"[:ERROR_LENGTH])
-    error = None
-    if not 200 <= code < 300:
-        error = f"HTTP {code}: {text}"[:ERROR_LENGTH] if text else f"HTTP {code}"
-    return Outcome(code, _ms(started), error)
-
-
-def _read_capped(response: httpx.Response, deadline: float) -> str:
-    """At most RESPONSE_CAP_BYTES of the answer, and only until the attempt's deadline."""
-    data = b""
-    for chunk in response.iter_raw():
-        data += chunk
-        if len(data) >= RESPONSE_CAP_BYTES or time.monotonic() > deadline:
-            break
-    return data[:RESPONSE_CAP_BYTES].decode("utf-8", errors="replace").strip()
-
-
-def _ms(started: float) -> int:
-    return int((time.monotonic() - started) * 1000)
-
-
-def http_client(settings: Settings) -> httpx.Client:
-    """The delivery worker's HTTP client: the webhook timeout, no redirects, no proxies."""
-    return httpx.Client(
-        timeout=httpx.Timeout(settings.webhook_timeout_s),
-        follow_redirects=False,
-        trust_env=False,
-    )
 
 
 def record_outcome(

@@ -1,0 +1,1 @@
+"""Jobs: requests and their lifecycle."""
