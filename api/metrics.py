@@ -1,7 +1,7 @@
 """`GET /metrics`: the farm's metrics and this API host's HTTP metrics, for Prometheus.
 
 Two kinds of metrics share the page. The farm's (requests, images, credits,
-queues, workers: `shared.metrics`) are counted in Redis by every process and
+queues, workers: `shared.metrics.counters`) are counted in Redis by every process and
 read from Redis and SQL at scrape time, so every API replica serves the same
 values. The HTTP metrics (requests by route and status, latency) belong to
 this host's API processes: gunicorn runs several, so they use prometheus_client's
@@ -34,7 +34,7 @@ from api.context import farm
 from api.errors import problem
 from shared.db import read_only
 from shared.errors import InvalidParams
-from shared.metrics import (
+from shared.metrics.counters import (
     BACKEND_UP,
     BUSY,
     CACHED,
@@ -59,11 +59,13 @@ from shared.metrics import (
     Counters,
     Family,
     Histogram,
+    read_counters,
+)
+from shared.metrics.readings import (
     TenantLoad,
     WorkerGauge,
     active_tenants,
     dispatcher_active,
-    read_counters,
     tenant_names,
     worker_gauges,
 )

@@ -69,7 +69,7 @@ from shared.idempotency import (
     submission_fingerprint,
 )
 from shared.links import signing_key, verify_image_link
-from shared.metrics import (
+from shared.metrics.counters import (
     ImageRecorded,
     MetricEvent,
     RequestFinished,

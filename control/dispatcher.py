@@ -31,7 +31,13 @@ from shared.celery_app import RENDER_QUEUE, make_celery, publish_render
 from shared.db import read_only, transaction
 from shared.events import announce_job_finished, publish_job_state, request_cancel
 from shared.idempotency import IDEMPOTENCY_CLEANUP_BATCH, delete_expired_keys
-from shared.metrics import Dispatched, MetricEvent, RequestFinished, record, tenants_of_jobs
+from shared.metrics.counters import (
+    Dispatched,
+    MetricEvent,
+    RequestFinished,
+    record,
+    tenants_of_jobs,
+)
 from shared.models import JobState, utcnow
 from shared.queries import expired_results, stale_releases
 from shared.resources import Resources, open_resources

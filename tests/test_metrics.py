@@ -38,16 +38,16 @@ from control.launcher import RedisServer
 from control.processes import ChildSpec, free_port
 from shared.celery_app import make_celery
 from shared.db import transaction
-from shared.metrics import (
+from shared.metrics.counters import (
     QUEUE_WAIT_BUCKETS,
     ImageRecorded,
     QueueWait,
     RenderTime,
-    active_tenants_query,
     bucket_of,
     read_counters,
     record,
 )
+from shared.metrics.readings import active_tenants_query
 from shared.migrate import migrate_database
 from shared.models import Job, utcnow
 from shared.params import KolorsParams

@@ -40,7 +40,7 @@ from shared.events import (
     publish_progress,
 )
 from shared.imaging import encode_image
-from shared.metrics import (
+from shared.metrics.counters import (
     ClaimFacts,
     ImageRecorded,
     MetricEvent,

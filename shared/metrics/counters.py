@@ -1,4 +1,4 @@
-"""The farm's metrics: events counted in Redis by every process, and scrape-time readings.
+"""Metric families, the events every process counts in Redis, and the counters read back.
 
 Workers, the dispatcher and the API count what happens (requests submitted and
 finished, images rendered, credits captured, queue waits, render times) in a
@@ -7,29 +7,21 @@ happen. Redis keeps them across any process's restart, so a counter never goes
 backwards when a worker or an API process restarts (only if Redis itself loses
 its data, which Prometheus reads as a counter reset). A Redis error is logged
 and swallowed: a metric is never worth a failed render.
-
-Queue depths and worker gauges are read when scraped: queues from the tenants'
-queue rows (`tenant_queues`, only tenants with work, found by an index), workers
-from their heartbeats. The cost of a scrape grows with tenants and workers,
-never with jobs. `api/metrics.py` turns all of it into the Prometheus format.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Literal, Protocol
 
 import redis
-from sqlalchemy import Select, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.models import Job, Tenant, TenantQueue, UserQueue
-from shared.scheduling.fleet import DISPATCH_LOCK_KEY, fleet
-from shared.scheduling.lines import ACTIVE_LINE
+from shared.models import Job
 
 log = logging.getLogger(__name__)
 
@@ -431,99 +423,3 @@ def read_counters(client: redis.Redis) -> Counters:
         render=_histograms(renders),
         dispatched={key.decode(): int(value) for key, value in dispatched.items()},
     )
-
-
-@dataclass(frozen=True)
-class TenantLoad:
-    """A tenant with work: jobs waiting, jobs in flight, when its oldest waiting job came."""
-
-    tenant: str
-    waiting: int
-    in_flight: int
-    oldest_created_at: datetime | None
-
-    def oldest_age_s(self, now: datetime) -> float:
-        """Seconds the oldest waiting job has waited (0 when none waits)."""
-        if not self.waiting or self.oldest_created_at is None:
-            return 0.0
-        return max(0.0, (now - self.oldest_created_at).total_seconds())
-
-
-def active_tenants_query() -> Select[str, int, int, datetime | None]:
-    """The queues of the tenants with work, found through the active users' lines' index.
-
-    Reads one index entry per active user and one row per active tenant; no job.
-    """
-    # The partial index ix_user_queues_active holds exactly the lines with work.
-    active = select(UserQueue.tenant_id).where(ACTIVE_LINE).distinct().scalar_subquery()
-    return (
-        select(
-            Tenant.name,
-            TenantQueue.waiting,
-            TenantQueue.in_flight,
-            TenantQueue.oldest_created_at,
-        )
-        .join(Tenant, Tenant.id == TenantQueue.tenant_id)
-        .where(TenantQueue.tenant_id.in_(active))
-        .order_by(Tenant.name)
-    )
-
-
-def active_tenants(session: Session) -> list[TenantLoad]:
-    """The tenants with jobs waiting or in flight, and their queues."""
-    return [
-        TenantLoad(row.name, row.waiting, row.in_flight, row.oldest_created_at)
-        for row in session.execute(active_tenants_query())
-        if row.waiting or row.in_flight
-    ]
-
-
-def tenant_names(session: Session, tenant_ids: Iterable[int]) -> dict[int, str]:
-    """Tenant names by id (for the tenants the counters name)."""
-    wanted = sorted(set(tenant_ids))
-    if not wanted:
-        return {}
-    rows = session.execute(select(Tenant.id, Tenant.name).where(Tenant.id.in_(wanted)))
-    return {row.id: row.name for row in rows}
-
-
-@dataclass(frozen=True)
-class WorkerGauge:
-    """What a live worker's last heartbeat said, as numbers."""
-
-    name: str
-    device: str
-    busy_fraction: float | None
-    memory_total_bytes: float | None
-    memory_used_bytes: float | None
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        return None
-    return float(value)
-
-
-def dispatcher_active(client: redis.Redis) -> bool:
-    """Whether a dispatcher holds the leader lock."""
-    return bool(client.exists(DISPATCH_LOCK_KEY))
-
-
-def worker_gauges(client: redis.Redis) -> list[WorkerGauge]:
-    """The live workers, from their heartbeats (one round trip)."""
-    workers, _speeds = fleet(client)
-    gauges = []
-    for name, info in sorted(workers.items()):
-        total = _number(info.get("memory_total_bytes"))
-        free = _number(info.get("memory_free_bytes"))
-        used = total - free if total is not None and free is not None else None
-        gauges.append(
-            WorkerGauge(
-                name=name,
-                device=str(info.get("device", "")),
-                busy_fraction=_number(info.get("busy_fraction")),
-                memory_total_bytes=total,
-                memory_used_bytes=used,
-            )
-        )
-    return gauges
