@@ -20,7 +20,7 @@ from typing import Any, Final
 from flask import Blueprint, Response, redirect, render_template, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
-from shared.params import KolorsParams, params_json_schema
+from shared.jobs.params import KolorsParams, params_json_schema
 
 bp = Blueprint(
     "console",

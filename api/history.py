@@ -32,10 +32,10 @@ from shared.accounts.history import (
     usage_window,
 )
 from shared.accounts.pricing import format_credits
-from shared.bodies import failure_fields, links_expire_at
 from shared.db import read_only
+from shared.jobs.bodies import failure_fields, links_expire_at
+from shared.jobs.queries import public_status, results_expired
 from shared.models import Job, utcnow
-from shared.queries import public_status, results_expired
 
 bp = Blueprint("history", __name__)
 

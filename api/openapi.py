@@ -2,7 +2,7 @@
 
 Nothing here lists a route: the document walks the app's url_map and documents
 every view carrying `api.spec.operation`, with the schemas of the pydantic models
-the views answer and the one parameter schema (`shared.params.KolorsParams`).
+the views answer and the one parameter schema (`shared.jobs.params.KolorsParams`).
 Bounds that come from the operator's settings (deadline and retention headers)
 are read from the app's settings, so the document states what this server enforces.
 """

@@ -8,12 +8,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 # The status and result bodies are shared with the webhook deliveries.
-from shared.bodies import JobResult as JobResult
-from shared.bodies import JobStatus as JobStatus
-from shared.bodies import Metrics as Metrics
-from shared.bodies import Output as Output
-from shared.bodies import Progress as Progress
-from shared.bodies import PublicStatus as PublicStatus
+from shared.jobs.bodies import JobResult as JobResult
+from shared.jobs.bodies import JobStatus as JobStatus
+from shared.jobs.bodies import Metrics as Metrics
+from shared.jobs.bodies import Output as Output
+from shared.jobs.bodies import Progress as Progress
+from shared.jobs.bodies import PublicStatus as PublicStatus
 
 Credits = str  # a decimal string, e.g. "9.5" (shared.accounts.pricing.format_credits)
 

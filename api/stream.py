@@ -3,7 +3,7 @@
 A stream reads its job's row once, at the start (the tenant check and the current
 state, in the status route's short read-only transaction), and afterwards only
 Redis: each API process holds ONE subscription to the farm-wide events channel
-(`shared.events.EVENTS_CHANNEL`) and fans its messages out to the queues of its
+(`shared.jobs.events.EVENTS_CHANNEL`) and fans its messages out to the queues of its
 open streams, so 500 streams cost 500 waiting threads and queues, no Redis or
 database connection each. Every event is also in its job's capped Redis Stream,
 whose entry ids are the events' ids: `Last-Event-ID` replays what a client missed
@@ -34,7 +34,7 @@ from api.errors import problem
 from api.schemas import Progress, PublicStatus
 from api.spec import HeaderParameter, operation, parse_query
 from shared.errors import FarmError, InvalidParams, ServiceUnavailable
-from shared.events import (
+from shared.jobs.events import (
     EVENTS_CHANNEL,
     PROGRESS_EVENT,
     STATE_EVENT,

@@ -36,14 +36,16 @@ from api.spec import (
 )
 from shared.accounts.ledger import get_balance
 from shared.accounts.pricing import format_credits
-from shared.bodies import (
+from shared.db import read_only, transaction
+from shared.errors import InvalidLink, InvalidParams
+from shared.jobs.bodies import (
     failure_fields,
     image_link,
     links_expire_at,
     result_body,
     status_body,
 )
-from shared.cache import (
+from shared.jobs.cache import (
     CacheHit,
     copy_cached_images,
     discarded_on_error,
@@ -51,13 +53,9 @@ from shared.cache import (
     fleet_fingerprint,
     image_cache_keys,
 )
-from shared.db import read_only, transaction
-from shared.errors import InvalidLink, InvalidParams
-from shared.events import announce_job_finished, read_progress, request_cancel, wait_for_job
-from shared.idempotency import (
-    HEADER as IDEMPOTENCY_HEADER,
-)
-from shared.idempotency import (
+from shared.jobs.events import announce_job_finished, read_progress, request_cancel, wait_for_job
+from shared.jobs.idempotency import HEADER as IDEMPOTENCY_HEADER
+from shared.jobs.idempotency import (
     MAX_KEY_LENGTH,
     REPLAYED_HEADER,
     Claimed,
@@ -68,6 +66,9 @@ from shared.idempotency import (
     release_claim,
     submission_fingerprint,
 )
+from shared.jobs.params import CONTENT_TYPES, RANDOM_SEED, KolorsParams, parse_params
+from shared.jobs.queries import ensure_results_retained, get_job, job_state, public_status
+from shared.jobs.transitions import cancel_job, image_storage_key, new_job_id, submit_job
 from shared.links import signing_key, verify_image_link
 from shared.metrics.counters import (
     ImageRecorded,
@@ -77,12 +78,9 @@ from shared.metrics.counters import (
     record,
 )
 from shared.models import TERMINAL_STATES, Job, JobState, utcnow
-from shared.params import CONTENT_TYPES, RANDOM_SEED, KolorsParams, parse_params
-from shared.queries import ensure_results_retained, get_job, job_state, public_status
 from shared.scheduling.fleet import DISPATCH_LOCK_KEY, fleet, live_workers, wake_dispatcher
 from shared.scheduling.order import job_work
 from shared.scheduling.positions import estimate_wait_seconds, queue_place
-from shared.transitions import cancel_job, image_storage_key, new_job_id, submit_job
 from shared.webhooks.urls import check_webhook
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from api.context import farm
 from api.errors import problem
 from api.spec import operation, respond
 from shared.db import read_only, transaction
-from shared.queries import get_job
+from shared.jobs.queries import get_job
 from shared.webhooks.outbox import (
     DeliveryInfo,
     NothingToRedeliver,

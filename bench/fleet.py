@@ -53,9 +53,9 @@ sys.path.insert(0, str(REPO))
 from bench.queue_depth import tenant_rows  # noqa: E402
 from control.launcher import start_scratch_redis  # noqa: E402
 from control.processes import ChildSpec, Supervisor  # noqa: E402
+from shared.jobs.params import KolorsParams  # noqa: E402
 from shared.migrate import migrate_database  # noqa: E402
 from shared.models import Job, LedgerEntry, Tenant, TenantQueue, User, UserQueue  # noqa: E402
-from shared.params import KolorsParams  # noqa: E402
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "KOLORS_FARM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -58,14 +58,14 @@ from diffusers.pipelines.kolors.pipeline_kolors import KolorsPipeline  # noqa: E
 from control.launcher import start_scratch_redis  # noqa: E402
 from shared.accounts.users import Principal, create_user  # noqa: E402
 from shared.db import make_engine, make_session_factory, transaction  # noqa: E402
+from shared.jobs.params import KolorsParams  # noqa: E402
+from shared.jobs.transitions import release_jobs, submit_job  # noqa: E402
 from shared.migrate import migrate_database  # noqa: E402
 from shared.models import Job, JobState  # noqa: E402
-from shared.params import KolorsParams  # noqa: E402
 from shared.redis_client import make_redis  # noqa: E402
 from shared.scheduling.fairshare import QueuedJob  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from shared.storage import LocalStorage  # noqa: E402
-from shared.transitions import release_jobs, submit_job  # noqa: E402
 from worker.pipeline import KolorsRenderer  # noqa: E402
 from worker.service import BusyMeter, WorkerContext, start_render_job  # noqa: E402
 from worker.tiny import build_tiny_checkpoint  # noqa: E402

@@ -55,9 +55,9 @@ from control.launcher import start_scratch_redis  # noqa: E402
 from control.processes import ChildSpec, Supervisor, free_port  # noqa: E402
 from shared.accounts.users import create_api_key  # noqa: E402
 from shared.db import make_engine, make_session_factory, read_only, transaction  # noqa: E402
+from shared.jobs.params import KolorsParams  # noqa: E402
 from shared.migrate import migrate_database  # noqa: E402
 from shared.models import Job, Tenant, TenantQueue, User, UserQueue  # noqa: E402
-from shared.params import KolorsParams  # noqa: E402
 from shared.scheduling.order import next_in_fair_order  # noqa: E402
 from shared.scheduling.positions import queue_place  # noqa: E402
 

@@ -28,8 +28,8 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.celery_app import make_celery
 from shared.db import transaction
-from shared.events import job_channel
 from shared.jobs.deliveries import prepare
+from shared.jobs.events import job_channel
 from shared.resources import Resources, open_resources
 from shared.settings import Settings
 from shared.webhooks.delivery import http_client, post

@@ -29,8 +29,17 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.celery_app import RENDER_QUEUE, make_celery, publish_render
 from shared.db import read_only, transaction
-from shared.events import announce_job_finished, publish_job_state, request_cancel
-from shared.idempotency import IDEMPOTENCY_CLEANUP_BATCH, delete_expired_keys
+from shared.jobs.events import announce_job_finished, publish_job_state, request_cancel
+from shared.jobs.idempotency import IDEMPOTENCY_CLEANUP_BATCH, delete_expired_keys
+from shared.jobs.queries import expired_results, stale_releases
+from shared.jobs.transitions import (
+    enforce_deadlines,
+    mark_results_deleted,
+    recover_expired_leases,
+    release_jobs,
+    touch_release,
+    unrelease_job,
+)
 from shared.metrics.counters import (
     Dispatched,
     MetricEvent,
@@ -39,19 +48,10 @@ from shared.metrics.counters import (
     tenants_of_jobs,
 )
 from shared.models import JobState, utcnow
-from shared.queries import expired_results, stale_releases
 from shared.resources import Resources, open_resources
 from shared.scheduling.fleet import DISPATCH_LOCK_KEY, live_workers, settling_jobs, wait_for_wake
 from shared.scheduling.order import current_load, next_in_fair_order
 from shared.settings import Settings
-from shared.transitions import (
-    enforce_deadlines,
-    mark_results_deleted,
-    recover_expired_leases,
-    release_jobs,
-    touch_release,
-    unrelease_job,
-)
 
 log = logging.getLogger(__name__)
 

@@ -375,7 +375,7 @@ class JobImage(Base):
     content_type: Mapped[str] = mapped_column(String(50))
     size_bytes: Mapped[int] = mapped_column(Integer)
     attempt: Mapped[int] = mapped_column(Integer)
-    # The generation record embedded in the image's metadata (see shared/imaging.py).
+    # The generation record embedded in the image's metadata (see shared/jobs/imaging.py).
     generation: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # SHA-256 of the rendering inputs (parameters, seed, weights, library versions), set

@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     # Credits: the price of one 1024x1024 image at 25 steps, in credits.
     price_per_image: Decimal = Field(default=Decimal("1"), ge=0)
 
-    # Result cache: identical requests answered from retained images (see shared/cache.py).
+    # Result cache: identical requests answered from retained images (see shared/jobs/cache.py).
     cache: bool = Field(default=True, description="Answer identical requests from storage.")
     cache_scope: Literal["tenant", "farm"] = Field(
         default="tenant", description="Whose images may answer: the tenant's own, or anyone's."

@@ -188,7 +188,7 @@ def resources_for(
 
 def release_job(session: Session, job_id: str) -> str:
     """Release one waiting job, as the dispatcher would, so that a worker may claim it."""
-    from shared.transitions import release_jobs
+    from shared.jobs.transitions import release_jobs
 
     job = session.get_one(Job, job_id)
     release_jobs(session, [QueuedJob(job.id, job.tenant_id, job.user_id, job.created_at)])

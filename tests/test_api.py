@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.accounts.ledger import ledger_balance
 from shared.db import transaction
+from shared.jobs.transitions import claim_job, fail_job
 from shared.models import Job, LedgerEntry
 from shared.scheduling.fleet import (
     DISPATCH_LOCK_KEY,
@@ -21,7 +22,6 @@ from shared.scheduling.fleet import (
     record_render_speed,
 )
 from shared.settings import Settings
-from shared.transitions import claim_job, fail_job
 from tests.conftest import ApiUser, make_user, release_job
 
 
@@ -338,7 +338,7 @@ def test_readiness_fails_when_redis_is_down(settings: Settings) -> None:
 
 
 def test_openapi_document_uses_the_one_schema(client: FlaskClient) -> None:
-    from shared.params import SCHEDULERS
+    from shared.jobs.params import SCHEDULERS
 
     document = client.get("/openapi.json").get_json()
     params = document["components"]["schemas"]["KolorsParams"]["properties"]

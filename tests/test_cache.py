@@ -32,7 +32,8 @@ from control.launcher import RedisServer
 from control.processes import free_port
 from shared.accounts.ledger import get_balance, held_for_job, ledger_balance
 from shared.accounts.pricing import price_per_image
-from shared.cache import (
+from shared.db import make_engine, read_only, transaction
+from shared.jobs.cache import (
     FINGERPRINT_FIELD,
     cache_key,
     cached_price,
@@ -41,21 +42,20 @@ from shared.cache import (
     image_cache_keys,
     render_fingerprint,
 )
-from shared.db import make_engine, read_only, transaction
-from shared.imaging import encode_image
-from shared.models import Job, JobImage, JobState, LedgerEntry
-from shared.params import KolorsParams
-from shared.redis_client import make_redis
-from shared.scheduling.fleet import forget_worker, live_workers, record_heartbeat
-from shared.settings import Settings
-from shared.storage import LocalStorage, ObjectMissing, S3Storage, make_storage
-from shared.transitions import (
+from shared.jobs.imaging import encode_image
+from shared.jobs.params import KolorsParams
+from shared.jobs.transitions import (
     claim_job,
     finish_job,
     image_storage_key,
     record_image,
     submit_job,
 )
+from shared.models import Job, JobImage, JobState, LedgerEntry
+from shared.redis_client import make_redis
+from shared.scheduling.fleet import forget_worker, live_workers, record_heartbeat
+from shared.settings import Settings
+from shared.storage import LocalStorage, ObjectMissing, S3Storage, make_storage
 from tests.conftest import ApiUser, make_user, release_job, resources_for
 from tests.processes import RunningFarm, farm_env, running_farm, wait_for
 

@@ -25,7 +25,7 @@ from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwrig
 
 from api.console import CONTENT_SECURITY_POLICY
 from control.launcher import RedisServer
-from shared.params import SCHEDULERS, KolorsParams
+from shared.jobs.params import SCHEDULERS, KolorsParams
 from tests.processes import RunningFarm, farm_env, running_farm, wait_for
 
 pytestmark = pytest.mark.e2e

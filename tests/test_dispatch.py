@@ -19,15 +19,9 @@ from shared.accounts.ledger import get_balance, ledger_balance
 from shared.celery_app import RENDER_QUEUE, make_celery
 from shared.db import transaction
 from shared.errors import StaleAttempt, TooManyJobs
-from shared.models import Job, JobState, LedgerEntry, LedgerKind, utcnow
-from shared.params import KolorsParams
-from shared.queries import stale_releases
-from shared.redis_client import make_redis
-from shared.scheduling.fleet import count_settling, record_heartbeat
-from shared.scheduling.order import Load, current_load
-from shared.scheduling.positions import queue_place
-from shared.settings import Settings
-from shared.transitions import (
+from shared.jobs.params import KolorsParams
+from shared.jobs.queries import stale_releases
+from shared.jobs.transitions import (
     DEADLINE_ERROR,
     cancel_job,
     claim_job,
@@ -39,6 +33,12 @@ from shared.transitions import (
     submit_job,
     touch_release,
 )
+from shared.models import Job, JobState, LedgerEntry, LedgerKind, utcnow
+from shared.redis_client import make_redis
+from shared.scheduling.fleet import count_settling, record_heartbeat
+from shared.scheduling.order import Load, current_load
+from shared.scheduling.positions import queue_place
+from shared.settings import Settings
 from tests.conftest import ApiUser, make_user, release_job, resources_for
 
 ONE = Decimal("1")

@@ -21,9 +21,9 @@ from shared.accounts.history import HistoryKey, UsageKey, history_read, usage_re
 from shared.accounts.ledger import grant_credits
 from shared.accounts.pricing import format_credits
 from shared.db import transaction
+from shared.jobs.transitions import claim_job, fail_job, finish_job, record_image
 from shared.migrate import alembic_config, migrate_database
 from shared.models import Job, JobState, LedgerEntry, User, utcnow
-from shared.transitions import claim_job, fail_job, finish_job, record_image
 from tests.conftest import ApiUser, make_user, release_job
 
 RICH = 10_000_000  # millicredits: ten thousand credits

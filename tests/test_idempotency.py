@@ -29,14 +29,9 @@ from control.launcher import start_scratch_redis
 from shared.accounts.ledger import grant_credits
 from shared.celery_app import make_celery
 from shared.db import transaction
-from shared.idempotency import (
-    Claimed,
-    claim_key,
-    delete_expired_keys,
-    submission_fingerprint,
-)
+from shared.jobs.idempotency import Claimed, claim_key, delete_expired_keys, submission_fingerprint
+from shared.jobs.params import parse_params
 from shared.models import IdempotencyKey, Job, LedgerEntry, LedgerKind, utcnow
-from shared.params import parse_params
 from shared.settings import Settings
 from tests.conftest import ApiUser, make_user, resources_for
 from tests.processes import RunningFarm, farm_env, running_farm, wait_for

@@ -14,9 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.accounts.ledger import get_balance, grant_credits, held_for_job, ledger_balance
 from shared.db import transaction
 from shared.errors import NotEnoughCredits, StaleAttempt
-from shared.models import Job, JobState, LedgerEntry, LedgerKind, User
-from shared.params import KolorsParams
-from shared.transitions import (
+from shared.jobs.params import KolorsParams
+from shared.jobs.transitions import (
     cancel_job,
     claim_job,
     fail_job,
@@ -24,6 +23,7 @@ from shared.transitions import (
     record_image,
     submit_job,
 )
+from shared.models import Job, JobState, LedgerEntry, LedgerKind, User
 from tests.conftest import ApiUser, make_user, release_job
 
 ONE = Decimal("1")

@@ -38,6 +38,8 @@ from control.launcher import RedisServer
 from control.processes import ChildSpec, free_port
 from shared.celery_app import make_celery
 from shared.db import transaction
+from shared.jobs.params import KolorsParams
+from shared.jobs.transitions import claim_job, submit_job
 from shared.metrics.counters import (
     QUEUE_WAIT_BUCKETS,
     ImageRecorded,
@@ -50,10 +52,8 @@ from shared.metrics.counters import (
 from shared.metrics.readings import active_tenants_query
 from shared.migrate import migrate_database
 from shared.models import Job, utcnow
-from shared.params import KolorsParams
 from shared.redis_client import make_redis
 from shared.settings import Settings
-from shared.transitions import claim_job, submit_job
 from tests.conftest import ApiUser, release_job, resources_for
 from tests.processes import FarmProcesses, farm_env, wait_for
 

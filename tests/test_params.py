@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from shared.errors import InvalidParams
-from shared.params import SCHEDULERS, KolorsParams, parse_params
+from shared.jobs.params import SCHEDULERS, KolorsParams, parse_params
 
 
 def problems(data: dict[str, Any]) -> dict[str, str]:

@@ -31,15 +31,15 @@ from control.launcher import RedisServer
 from shared.accounts.ledger import get_balance, ledger_balance
 from shared.celery_app import make_celery, publish_render
 from shared.db import make_engine, make_session_factory, transaction
-from shared.events import read_progress
+from shared.jobs.events import read_progress
+from shared.jobs.params import KolorsParams
+from shared.jobs.transitions import LeaseOutcome, recover_expired_leases, submit_job
 from shared.migrate import migrate_database
 from shared.models import Job, JobImage, LedgerEntry
-from shared.params import KolorsParams
 from shared.redis_client import make_redis
 from shared.scheduling.fleet import live_workers, settling_jobs
 from shared.settings import Settings
 from shared.storage import LocalStorage, StorageError
-from shared.transitions import LeaseOutcome, recover_expired_leases, submit_job
 from tests.conftest import ApiUser, make_user, release_job
 from tests.processes import FarmProcesses, farm_env, wait_for
 from worker.app import heartbeat_loop, worker_info

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from shared.params import KolorsParams
+from shared.jobs.params import KolorsParams
 from shared.settings import Settings
 from worker.memory import MIB, MemoryModel
 from worker.pipeline import KolorsRenderer

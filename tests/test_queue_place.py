@@ -20,12 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.accounts.users import Principal, create_user, set_tenant_weight, set_user_weight
 from shared.db import read_only, transaction
-from shared.models import Job, JobState, UserQueue, utcnow
-from shared.params import KolorsParams
-from shared.scheduling.fairshare import fair_order, pick_for_release
-from shared.scheduling.order import next_in_fair_order
-from shared.scheduling.positions import queue_place
-from shared.transitions import (
+from shared.jobs.params import KolorsParams
+from shared.jobs.transitions import (
     cancel_job,
     claim_job,
     finish_job,
@@ -34,6 +30,10 @@ from shared.transitions import (
     submit_job,
     unrelease_job,
 )
+from shared.models import Job, JobState, UserQueue, utcnow
+from shared.scheduling.fairshare import fair_order, pick_for_release
+from shared.scheduling.order import next_in_fair_order
+from shared.scheduling.positions import queue_place
 from tests.conftest import exact_queue
 
 LEASE = timedelta(minutes=5)

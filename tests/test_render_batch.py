@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from control.launcher import RedisServer
-from shared.params import KolorsParams
+from shared.jobs.params import KolorsParams
 from shared.settings import Settings
 from tests.processes import RunningFarm, farm_env, running_farm, wait_for
 from worker.pipeline import KolorsRenderer

@@ -29,7 +29,9 @@ from control.processes import free_port
 from shared.accounts.ledger import get_balance, ledger_balance
 from shared.db import transaction
 from shared.errors import ExpiredLink, InvalidLink
-from shared.imaging import read_generation_record
+from shared.jobs.imaging import read_generation_record
+from shared.jobs.params import KolorsParams
+from shared.jobs.transitions import claim_job, finish_job, record_image, submit_job
 from shared.links import (
     KEY_FILE,
     ImageLink,
@@ -38,11 +40,9 @@ from shared.links import (
     verify_image_link,
 )
 from shared.models import Job, JobImage
-from shared.params import KolorsParams
 from shared.redis_client import make_redis
 from shared.settings import Settings
 from shared.storage import LocalStorage, ObjectMissing, S3Storage, make_storage
-from shared.transitions import claim_job, finish_job, record_image, submit_job
 from tests.conftest import ApiUser, make_user, release_job, resources_for
 from worker.pipeline import KolorsRenderer
 from worker.service import WorkerContext, run_render_job

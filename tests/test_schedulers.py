@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.params import SCHEDULERS, KolorsParams
+from shared.jobs.params import SCHEDULERS, KolorsParams
 from shared.settings import Settings
 from worker.pipeline import KolorsRenderer
 

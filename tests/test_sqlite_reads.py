@@ -14,11 +14,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from shared.db import make_engine, make_session_factory, read_only, transaction
+from shared.jobs.params import KolorsParams
+from shared.jobs.transitions import submit_job
 from shared.migrate import migrate_database
 from shared.models import Job, JobState
-from shared.params import KolorsParams
 from shared.settings import Settings
-from shared.transitions import submit_job
 from tests.conftest import make_user
 
 

@@ -43,6 +43,23 @@ from shared.accounts.pricing import price_per_image
 from shared.accounts.users import Principal, create_user, set_tenant_weight, set_user_weight
 from shared.db import make_engine, make_session_factory, transaction
 from shared.errors import JobNotFound, NotEnoughCredits, StaleAttempt
+from shared.jobs.params import KolorsParams
+from shared.jobs.queries import job_state
+from shared.jobs.transitions import (
+    DEADLINE_ERROR,
+    LeaseOutcome,
+    RenderSpec,
+    cancel_job,
+    claim_job,
+    enforce_deadlines,
+    fail_job,
+    finish_job,
+    record_image,
+    recover_expired_leases,
+    release_next_jobs,
+    submit_job,
+    unrelease_job,
+)
 from shared.migrate import migrate_database
 from shared.models import (
     LIVE_STATES,
@@ -58,25 +75,8 @@ from shared.models import (
     UserQueue,
     utcnow,
 )
-from shared.params import KolorsParams
-from shared.queries import job_state
 from shared.scheduling.fairshare import fair_order, pick_for_release
 from shared.scheduling.positions import queue_place
-from shared.transitions import (
-    DEADLINE_ERROR,
-    LeaseOutcome,
-    RenderSpec,
-    cancel_job,
-    claim_job,
-    enforce_deadlines,
-    fail_job,
-    finish_job,
-    record_image,
-    recover_expired_leases,
-    release_next_jobs,
-    submit_job,
-    unrelease_job,
-)
 from tests.conftest import empty_database, exact_queue, make_user, release_job
 
 REFERENCE_PRICE = Decimal("1")

@@ -22,6 +22,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from api.app import create_app
 from control.deliveries import deliver
 from shared.db import read_only, transaction
+from shared.jobs.params import parse_params
+from shared.jobs.transitions import claim_job, fail_job, record_image, submit_job
 from shared.models import (
     DisabledWebhook,
     Job,
@@ -31,9 +33,7 @@ from shared.models import (
     WebhookDelivery,
     utcnow,
 )
-from shared.params import parse_params
 from shared.settings import Settings
-from shared.transitions import claim_job, fail_job, record_image, submit_job
 from shared.webhooks.outbox import Claim, claim_due, due_read
 from shared.webhooks.secrets import (
     rotate_secret,

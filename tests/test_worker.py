@@ -18,13 +18,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.accounts.ledger import get_balance, ledger_balance
 from shared.db import transaction
-from shared.events import read_progress, request_cancel
+from shared.jobs.events import read_progress, request_cancel
+from shared.jobs.params import KolorsParams
+from shared.jobs.transitions import DEADLINE_ERROR, submit_job
 from shared.models import Job, JobImage, LedgerEntry
-from shared.params import KolorsParams
 from shared.redis_client import make_redis
 from shared.settings import Settings
 from shared.storage import LocalStorage
-from shared.transitions import DEADLINE_ERROR, submit_job
 from tests.conftest import ApiUser, release_job
 from worker.pipeline import KolorsRenderer
 from worker.service import WorkerContext, run_render_job

@@ -11,8 +11,8 @@ from typing import Any
 
 from celery import Celery
 
-from shared.cache import FINGERPRINT_FIELD
 from shared.celery_app import RENDER_QUEUE, RENDER_TASK, make_celery
+from shared.jobs.cache import FINGERPRINT_FIELD
 from shared.resources import open_resources
 from shared.scheduling.fleet import forget_worker, record_heartbeat, reset_settling
 from shared.settings import Settings

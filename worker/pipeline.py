@@ -16,8 +16,8 @@ import torch
 from diffusers.pipelines.kolors.pipeline_kolors import KolorsPipeline
 from PIL import Image
 
-from shared.cache import render_fingerprint
-from shared.params import SCHEDULERS, KolorsParams
+from shared.jobs.cache import render_fingerprint
+from shared.jobs.params import SCHEDULERS, KolorsParams
 from shared.settings import Settings
 from worker.memory import MemoryModel, images_per_call
 from worker.tiny import ensure_tiny_checkpoint

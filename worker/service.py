@@ -29,17 +29,27 @@ from PIL import Image
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.cache import cache_key
 from shared.db import transaction
 from shared.errors import StaleAttempt
-from shared.events import (
+from shared.jobs.cache import cache_key
+from shared.jobs.events import (
     Progress,
     announce_job_finished,
     is_cancel_requested,
     publish_job_state,
     publish_progress,
 )
-from shared.imaging import encode_image
+from shared.jobs.imaging import encode_image
+from shared.jobs.transitions import (
+    DEADLINE_ERROR,
+    RenderSpec,
+    claim_job,
+    fail_job,
+    finish_job,
+    image_storage_key,
+    record_image,
+    renew_lease,
+)
 from shared.metrics.counters import (
     ClaimFacts,
     ImageRecorded,
@@ -55,16 +65,6 @@ from shared.scheduling.fleet import count_settling, record_render_speed, wake_di
 from shared.scheduling.order import work_units
 from shared.settings import Settings
 from shared.storage import ResultStorage
-from shared.transitions import (
-    DEADLINE_ERROR,
-    RenderSpec,
-    claim_job,
-    fail_job,
-    finish_job,
-    image_storage_key,
-    record_image,
-    renew_lease,
-)
 from worker.memory import MIB, MemoryModel, plan_chunks
 from worker.pipeline import KolorsRenderer
 

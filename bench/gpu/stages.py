@@ -31,7 +31,7 @@ from PIL import Image
 
 from control.launcher import start_scratch_redis
 from control.processes import free_port
-from shared.params import KolorsParams
+from shared.jobs.params import KolorsParams
 from shared.settings import Settings
 from worker.memory import MIB, MemoryModel, images_per_call, plan_chunks
 from worker.pipeline import KolorsRenderer, resolve_device, resolve_dtype
@@ -624,7 +624,7 @@ def wait_until(
 
 def _bare_loop(ctx: Context, dtype: torch.dtype, params: dict[str, Any], count: int) -> list[float]:
     """A plain diffusers loop with the farm's dtype and encoding: seconds per image."""
-    from shared.imaging import encode_image
+    from shared.jobs.imaging import encode_image
 
     device = ctx.device
     pipe, _build = ctx.pipeline(dtype)

@@ -7,12 +7,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from shared import bodies
+from shared.jobs import bodies
+from shared.jobs.queries import results_expired
 from shared.models import (
     Job,
     WebhookDelivery,
 )
-from shared.queries import results_expired
 from shared.settings import Settings
 from shared.storage import ResultStorage
 from shared.webhooks.delivery import Prepared

@@ -3,7 +3,7 @@
 A user's line (`user_queues`) counts its jobs waiting and in flight and numbers
 the waiting ones consecutively in first-in, first-out order; a tenant's queue
 (`tenant_queues`) sums its users' lines and names the tenant's next job in the
-fair-share order. `shared.transitions` calls these in the same transaction as
+fair-share order. `shared.jobs.transitions` calls these in the same transaction as
 the job change they follow, so both are right after any crash.
 
 Locks, always in this order within a transaction: users' lines (by user id),
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from shared.models import ACTIVE_LINE_SQL, WAITING_SQL, Job, TenantQueue, User, UserQueue
 
-# The partial indexes' predicates, as literal text (see shared.queries).
+# The partial indexes' predicates, as literal text (see shared.jobs.queries).
 WAITING: Final = text(f"({WAITING_SQL})")
 ACTIVE_LINE: Final = text(f"({ACTIVE_LINE_SQL})")
 P = ParamSpec("P")

@@ -36,8 +36,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.errors import FarmError, FieldProblem, InvalidParams
+from shared.jobs.params import KolorsParams
 from shared.models import IdempotencyKey
-from shared.params import KolorsParams
 
 HEADER: Final = "Idempotency-Key"
 REPLAYED_HEADER: Final = "Idempotent-Replayed"

@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from shared.jobs.queries import public_status
 from shared.links import ImageLink, sign_image_link, signing_key
 from shared.models import Job, JobImage, JobState, utcnow
-from shared.queries import public_status
 from shared.settings import Settings
 from shared.storage import ResultStorage
 

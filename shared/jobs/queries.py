@@ -1,6 +1,6 @@
 """Read-side queries: jobs, the users' lines, queue positions, load, recovery candidates.
 
-Nothing here changes a row (`shared/transitions.py` owns every change). No
+Nothing here changes a row (`shared/jobs/transitions.py` owns every change). No
 query reads the whole queue: the fair order and a job's place in it come from
 one row per active user (`user_queues`) plus indexed reads of single jobs.
 """

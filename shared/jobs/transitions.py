@@ -30,8 +30,10 @@ from sqlalchemy.orm import Session
 from shared.accounts.ledger import capture_image_credit, hold_credits, release_hold
 from shared.accounts.pricing import price_per_image
 from shared.accounts.users import Principal
-from shared.cache import CacheHit, cached_price
 from shared.errors import StaleAttempt, TooManyJobs
+from shared.jobs.cache import CacheHit, cached_price
+from shared.jobs.params import EXTENSIONS, MAX_SEED, RANDOM_SEED, KolorsParams
+from shared.jobs.queries import expired_leases, get_job, past_deadline
 from shared.models import (
     RELEASED,
     RUNNING,
@@ -41,8 +43,6 @@ from shared.models import (
     JobState,
     utcnow,
 )
-from shared.params import EXTENSIONS, MAX_SEED, RANDOM_SEED, KolorsParams
-from shared.queries import expired_leases, get_job, past_deadline
 from shared.scheduling.fairshare import QueuedJob
 from shared.scheduling.lines import (
     Line,
@@ -410,7 +410,7 @@ def record_image(
 ) -> JobState | None:
     """Record one stored image and capture its price; StaleAttempt if the claim was lost.
 
-    `cache_key` (shared.cache) lets an identical request be answered with this image.
+    `cache_key` (shared.jobs.cache) lets an identical request be answered with this image.
 
     With `finish`, the job also ends in the same transaction (its last image): one
     commit instead of two. Returns the state it ended in, else None.

@@ -32,8 +32,8 @@ from typing import Any, Final, Literal
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from shared.jobs.params import MAX_SEED, KolorsParams
 from shared.models import Job, JobImage, utcnow
-from shared.params import MAX_SEED, KolorsParams
 from shared.storage import ResultStorage
 
 log = logging.getLogger(__name__)

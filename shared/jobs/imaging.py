@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from shared.params import CONTENT_TYPES
+from shared.jobs.params import CONTENT_TYPES
 
 METADATA_KEY = "kolors-farm"
 _EXIF_IMAGE_DESCRIPTION = 0x010E
