@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import click
 
+from shared.logs import configure_logging
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -26,12 +26,6 @@ T = TypeVar("T")
 
 def _settings() -> Settings:
     return Settings()
-
-
-def _configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
 
 
 def _credits(value: str) -> int:
@@ -81,7 +75,7 @@ def up(host: str, port: int, cpu_workers: int) -> None:
     """
     from control.launcher import run_farm
 
-    _configure_logging()
+    configure_logging()
     sys.exit(run_farm(_settings(), host=host, port=port, cpu_workers=cpu_workers))
 
 
@@ -139,7 +133,7 @@ def workers(devices: str | None, cpu_workers: int) -> None:
 
     from control.workers import run_workers, select_devices, visible_cuda_devices, worker_plan
 
-    _configure_logging()
+    configure_logging()
     visible = visible_cuda_devices()
     try:
         chosen = select_devices(visible, devices)
@@ -157,7 +151,7 @@ def dispatcher() -> None:
     """
     from control.dispatcher import run_dispatcher
 
-    _configure_logging()
+    configure_logging()
     sys.exit(run_dispatcher(_settings()))
 
 
@@ -181,7 +175,7 @@ def migrate() -> None:
     """Apply database migrations."""
     from shared.migrate import migrate_database
 
-    _configure_logging()
+    configure_logging()
     settings = _settings()
     migrate_database(settings.resolved_database_url)
     click.echo("database is up to date")
@@ -601,5 +595,5 @@ def webhooks_worker(name: str | None) -> None:
     """Deliver webhooks (their own queue, no GPU) and sweep the outbox for due deliveries."""
     from control.deliveries import run_delivery_worker
 
-    _configure_logging()
+    configure_logging()
     sys.exit(run_delivery_worker(_settings(), name))

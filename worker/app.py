@@ -13,11 +13,13 @@ from celery import Celery
 
 from shared.celery_app import RENDER_QUEUE, RENDER_TASK, make_celery
 from shared.jobs.cache import FINGERPRINT_FIELD
+from shared.logs import configure_logging
 from shared.resources import open_resources
 from shared.scheduling.fleet import forget_worker, record_heartbeat, reset_settling
 from shared.settings import Settings
 from worker.pipeline import KolorsRenderer
-from worker.service import WorkerContext, start_render_job
+from worker.context import WorkerContext
+from worker.render import start_render_job
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight checkpoint")
     tiny.add_argument("directory")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     if args.command == "tiny-model":
         from pathlib import Path
 
