@@ -28,6 +28,7 @@ from api.spec import operation, parse_query, respond
 from shared.accounts.admin import (
     MAX_NOTE_CHARS,
     grant_to_user,
+    not_a_decimal,
     parse_grant_amount,
     require_admin,
     tenant_page,
@@ -36,7 +37,7 @@ from shared.accounts.admin import (
 from shared.accounts.history import bad_cursor, decode_cursor, encode_cursor
 from shared.accounts.pricing import format_credits
 from shared.db import read_only, transaction
-from shared.errors import FieldProblem, InvalidParams
+from shared.errors import FieldProblem, InvalidParams, field_problems
 from shared.scheduling.fleet import DISPATCH_LOCK_KEY, fleet
 from shared.webhooks.secrets import secrets_by_name
 
@@ -186,20 +187,15 @@ def _parse_body(model: type[GrantBody]) -> GrantBody:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors(include_url=False):
-            name = str(error["loc"][0]) if error["loc"] else "body"
-            message = {"missing": "is required", "extra_forbidden": "is not a field"}.get(
-                error["type"], error["msg"]
-            )
-            if name == "credits" and error["type"] != "missing":
-                rule, message = "decimal", 'must be a decimal number of credits, like "12.5"'
-            else:
-                rule = error["type"]
-            problems.append(FieldProblem(field=name, rule=rule, message=message))
-        # A union's members each report; one line per field and rule is enough.
-        unique = {(p.field, p.rule): p for p in problems}
-        raise InvalidParams(list(unique.values())) from None
+        # Credits of any other type break the same rule as an amount that is no decimal.
+        problems = field_problems(exc, model, "body", top_level=True, explain=_credits_problem)
+        raise InvalidParams(problems) from None
+
+
+def _credits_problem(problem: FieldProblem) -> FieldProblem:
+    if problem.field == "credits" and problem.rule != "missing":
+        return not_a_decimal()
+    return problem
 
 
 def _worker(name: str, info: dict[str, Any], speed: float | None) -> AdminWorker:

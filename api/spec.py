@@ -15,7 +15,7 @@ from typing import Any, Final, TypeVar
 from flask import Response, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared.errors import FieldProblem, InvalidParams
+from shared.errors import InvalidParams, field_problems
 from shared.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -180,21 +180,6 @@ def respond(model: BaseModel, status: int = 200) -> Response:
     return Response(model.model_dump_json(), status=status, mimetype="application/json")
 
 
-def _problems(exc: ValidationError, model: type[BaseModel]) -> list[FieldProblem]:
-    names = {name: info.alias or name for name, info in model.model_fields.items()}
-    problems = []
-    for error in exc.errors(include_url=False):
-        parts = [str(part) for part in error["loc"]]
-        if parts and parts[0] in names:
-            parts[0] = names[parts[0]]
-        name = ".".join(parts) or "query"
-        message = "is required" if error["type"] == "missing" else error["msg"]
-        if error["type"] == "extra_forbidden":
-            message = "is not a parameter of this route"
-        problems.append(FieldProblem(field=name, rule=error["type"], message=message))
-    return problems
-
-
 def parse_query(model: type[M]) -> M:
     """The request's query parameters validated by `model`; a 400 names each bad one."""
     values: dict[str, Any] = {}
@@ -204,4 +189,4 @@ def parse_query(model: type[M]) -> M:
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        raise InvalidParams(_problems(exc, model)) from None
+        raise InvalidParams(field_problems(exc, model, "query")) from None

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
+
+from pydantic import BaseModel, ValidationError
 
 
 class FarmError(Exception):
@@ -40,6 +44,46 @@ class InvalidParams(FarmError):
     def single(cls, field: str, rule: str, message: str) -> InvalidParams:
         """One problem with one field."""
         return cls([FieldProblem(field=field, rule=rule, message=message)])
+
+
+# pydantic's own wording of these rules speaks of its models, not of the request.
+_RULE_MESSAGES: Final = {
+    "missing": "is required",
+    "extra_forbidden": "is not a parameter of this route",
+}
+
+
+def field_problems(
+    exc: ValidationError,
+    model: type[BaseModel],
+    whole: str,
+    *,
+    top_level: bool = False,
+    explain: Callable[[FieldProblem], FieldProblem] | None = None,
+) -> list[FieldProblem]:
+    """What a pydantic ValidationError of `model` says, as one problem per field and rule.
+
+    A field is named as the client sent it (its alias) and dotted into lists and
+    objects (`webhook_events_filter.0`); `whole` names the input itself (a problem
+    with no field). `top_level` names only the outer field (a union's members each
+    report under their own type's name otherwise). `explain` may reword a problem
+    in the terms of its domain; a field breaking one rule twice is listed once.
+    """
+    aliases = {name: info.alias or name for name, info in model.model_fields.items()}
+    problems: dict[tuple[str, str], FieldProblem] = {}
+    for error in exc.errors(include_url=False):
+        parts = [str(part) for part in error["loc"]]
+        if parts and parts[0] in aliases:
+            parts[0] = aliases[parts[0]]
+        field = (parts[0] if top_level else ".".join(parts)) if parts else whole
+        rule = error["type"]
+        problem = FieldProblem(
+            field=field, rule=rule, message=_RULE_MESSAGES.get(rule, error["msg"])
+        )
+        if explain is not None:
+            problem = explain(problem)
+        problems.setdefault((problem.field, problem.rule), problem)
+    return list(problems.values())
 
 
 class Unauthorized(FarmError):

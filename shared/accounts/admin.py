@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from shared.accounts.ledger import grant_credits
 from shared.accounts.pricing import credits_to_millicredits
 from shared.accounts.users import Principal, find_user
-from shared.errors import FarmError, InvalidParams
+from shared.errors import FarmError, FieldProblem, InvalidParams
 from shared.models import Tenant, TenantQueue, User
 
 # One grant may add at most this many credits: a typo of a few extra digits is refused,
@@ -114,6 +114,11 @@ def user_page(session: Session, after: str | None, limit: int) -> list[UserRow]:
     ]
 
 
+def not_a_decimal() -> FieldProblem:
+    """The problem of a grant whose credits are no decimal number (or no number at all)."""
+    return FieldProblem("credits", "decimal", 'must be a decimal number of credits, like "12.5"')
+
+
 def parse_grant_amount(raw: str | int | float) -> int:
     """A grant's credits (a positive decimal, at most three decimals) in millicredits.
 
@@ -125,9 +130,7 @@ def parse_grant_amount(raw: str | int | float) -> int:
     except InvalidOperation:
         amount = Decimal("NaN")
     if not amount.is_finite():
-        raise InvalidParams.single(
-            "credits", "decimal", 'must be a decimal number of credits, like "12.5"'
-        )
+        raise InvalidParams([not_a_decimal()])
     if amount <= 0:
         raise InvalidParams.single("credits", "positive", "must be more than zero")
     if amount > MAX_GRANT_CREDITS:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from shared.errors import FieldProblem, InvalidParams
+from shared.errors import FieldProblem, InvalidParams, field_problems
 from shared.webhooks.urls import WebhookRefused, check_url_syntax
 
 MAX_SEED: Final = 2**32 - 1
@@ -174,25 +174,20 @@ class KolorsParams(BaseModel):
         return self.model_dump(exclude=set(NOT_RENDERING_INPUTS))
 
 
-_RULE_MESSAGES: Final = {
-    "missing": "is required",
-    "extra_forbidden": "is not a parameter of this model",
-}
-
-
 def parse_params(data: Mapping[str, Any]) -> KolorsParams:
     """Validate raw form or JSON fields; raise InvalidParams naming each bad field and rule."""
     try:
         return KolorsParams.model_validate(dict(data))
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors(include_url=False):
-            field = ".".join(str(part) for part in error["loc"]) or "body"
-            message = _RULE_MESSAGES.get(error["type"], error["msg"])
-            if error["type"] == "literal_error":
-                message = f"must be one of: {', '.join(_allowed(field))}"
-            problems.append(FieldProblem(field=field, rule=error["type"], message=message))
-        raise InvalidParams(problems) from None
+        raise InvalidParams(field_problems(exc, KolorsParams, "body", explain=_choices)) from None
+
+
+def _choices(problem: FieldProblem) -> FieldProblem:
+    """A choice outside the list names the list (pydantic quotes every member's repr)."""
+    if problem.rule != "literal_error":
+        return problem
+    allowed = ", ".join(_allowed(problem.field))
+    return FieldProblem(problem.field, problem.rule, f"must be one of: {allowed}")
 
 
 def _allowed(field: str) -> tuple[str, ...]:
