@@ -26,7 +26,6 @@ from shared.accounts.history import (
     decode_history_cursor,
     decode_usage_cursor,
     encode_history_cursor,
-    encode_usage_cursor,
     request_page,
     usage_page,
     usage_window,
@@ -154,18 +153,6 @@ def usage() -> Response:
     after = decode_usage_cursor(query.cursor) if query.cursor is not None else None
     with read_only(farm().sessions) as session:
         page = usage_page(session, current_principal().tenant_id, first, last, query.limit, after)
-    rows = [
-        UsageRow(
-            day=line.day,
-            user=line.user,
-            granted=format_credits(line.granted),
-            held=format_credits(line.held),
-            captured=format_credits(line.captured),
-            released=format_credits(line.released),
-        )
-        for line in page.rows
-    ]
-    cursor = encode_usage_cursor(page.next_key) if page.next_key else None
     if request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv":
-        return _usage_csv(rows, cursor)
-    return respond(UsagePage(usage=rows, next_cursor=cursor))
+        return _usage_csv(page.usage, page.next_cursor)
+    return respond(page)

@@ -7,6 +7,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The usage bodies are the domain's own (it builds them whole).
+from shared.accounts.history import UsagePage as UsagePage
+from shared.accounts.history import UsageRow as UsageRow
+from shared.accounts.pricing import CREDITS_PATTERN, Credits
+
 # The status and result bodies are shared with the webhook deliveries.
 from shared.jobs.bodies import JobResult as JobResult
 from shared.jobs.bodies import JobStatus as JobStatus
@@ -14,10 +19,6 @@ from shared.jobs.bodies import Metrics as Metrics
 from shared.jobs.bodies import Output as Output
 from shared.jobs.bodies import Progress as Progress
 from shared.jobs.bodies import PublicStatus as PublicStatus
-
-Credits = str  # a decimal string, e.g. "9.5" (shared.accounts.pricing.format_credits)
-
-CREDITS_PATTERN = r"^[0-9]+(\.[0-9]{1,3})?$"
 
 
 class Submitted(BaseModel):
@@ -128,24 +129,6 @@ class RequestsQuery(BaseModel):
     )
     limit: int = Field(default=20, ge=1, le=100, description="Requests per page.")
     cursor: str | None = Field(default=None, description="`next_cursor` of the previous page.")
-
-
-class UsageRow(BaseModel):
-    """One user's credit movements on one UTC day."""
-
-    day: date
-    user: str
-    granted: Credits = Field(pattern=CREDITS_PATTERN)
-    held: Credits = Field(pattern=CREDITS_PATTERN)
-    captured: Credits = Field(pattern=CREDITS_PATTERN)
-    released: Credits = Field(pattern=CREDITS_PATTERN)
-
-
-class UsagePage(BaseModel):
-    """A page of the tenant's daily usage, by day then user."""
-
-    usage: list[UsageRow]
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null: done.")
 
 
 class UsageQuery(BaseModel):

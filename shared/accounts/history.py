@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final
 
+from pydantic import BaseModel, Field
 from sqlalchemy import Select, select, tuple_
 from sqlalchemy.orm import Session, selectinload
 
+from shared.accounts.pricing import CREDITS_PATTERN, Credits, format_credits
 from shared.errors import InvalidParams
 from shared.models import Job, JobState, Tenant, UsageDay, User
 
@@ -49,8 +51,10 @@ class UsageKey:
     user_id: int
 
 
+# Not the API's body of a page of requests (RequestPage): each summary there carries image
+# links, which only the layers above sign, so the rows go up and the body is built there.
 @dataclass(frozen=True)
-class RequestPage:
+class JobPage:
     """Requests newest first (their images loaded), the users' names, and the next key."""
 
     jobs: list[Job]
@@ -58,25 +62,23 @@ class RequestPage:
     next_key: HistoryKey | None
 
 
-@dataclass(frozen=True)
-class UsageLine:
-    """One user's movements on one day, in millicredits."""
+# The API serves these bodies as the domain builds them (JSON, or CSV of the same rows).
+class UsageRow(BaseModel):
+    """One user's credit movements on one UTC day."""
 
     day: date
-    user_id: int
     user: str
-    granted: int
-    held: int
-    captured: int
-    released: int
+    granted: Credits = Field(pattern=CREDITS_PATTERN)
+    held: Credits = Field(pattern=CREDITS_PATTERN)
+    captured: Credits = Field(pattern=CREDITS_PATTERN)
+    released: Credits = Field(pattern=CREDITS_PATTERN)
 
 
-@dataclass(frozen=True)
-class UsagePage:
-    """Usage rows by day then user, and the next key."""
+class UsagePage(BaseModel):
+    """A page of the tenant's daily usage, by day then user."""
 
-    rows: list[UsageLine]
-    next_key: UsageKey | None
+    usage: list[UsageRow]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null: done.")
 
 
 def bad_cursor() -> InvalidParams:
@@ -160,7 +162,7 @@ def request_page(
     status: str | None,
     limit: int,
     after: HistoryKey | None = None,
-) -> RequestPage:
+) -> JobPage:
     """A page of the tenant's requests, newest first, of one public status or all.
 
     Ties on created_at are broken by id, so pages never overlap or skip. FAILED
@@ -185,7 +187,7 @@ def request_page(
         names = {user_id: name for user_id, name in rows}
     last = page[-1] if page and more else None
     next_key = HistoryKey(last.created_at, last.id) if last else None
-    return RequestPage(jobs=page, user_names=names, next_key=next_key)
+    return JobPage(jobs=page, user_names=names, next_key=next_key)
 
 
 def usage_window(first: date | None, last: date | None, today: date) -> tuple[date, date]:
@@ -226,21 +228,23 @@ def usage_page(
 ) -> UsagePage:
     """A page of the tenant's daily usage from `first` to `last` (inclusive), by day then user."""
     rows = session.execute(usage_read(tenant_id, first, last, limit + 1, after)).all()
+    shown = rows[:limit]
     lines = [
-        UsageLine(
+        UsageRow(
             day=usage.day,
-            user_id=usage.user_id,
             user=name,
-            granted=usage.granted,
-            held=usage.held,
-            captured=usage.captured,
-            released=usage.released,
+            granted=format_credits(usage.granted),
+            held=format_credits(usage.held),
+            captured=format_credits(usage.captured),
+            released=format_credits(usage.released),
         )
-        for usage, name in rows[:limit]
+        for usage, name in shown
     ]
-    more = len(rows) > limit
-    next_key = UsageKey(lines[-1].day, lines[-1].user_id) if more and lines else None
-    return UsagePage(rows=lines, next_key=next_key)
+    cursor = None
+    if len(rows) > limit and shown:
+        final = shown[-1][0]
+        cursor = encode_usage_cursor(UsageKey(final.day, final.user_id))
+    return UsagePage(usage=lines, next_cursor=cursor)
 
 
 @dataclass(frozen=True)

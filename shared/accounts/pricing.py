@@ -9,6 +9,9 @@ MILLICREDITS_PER_CREDIT: Final = 1000
 REFERENCE_PIXELS: Final = 1024 * 1024
 REFERENCE_STEPS: Final = 25
 
+Credits = str  # a decimal string, e.g. "9.5", as `format_credits` writes it
+CREDITS_PATTERN: Final = r"^[0-9]+(\.[0-9]{1,3})?$"  # what `format_credits` writes
+
 
 def price_per_image(width: int, height: int, steps: int, reference_price: Decimal) -> int:
     """Millicredits for one image; `reference_price` credits buy a 1024x1024, 25-step image."""

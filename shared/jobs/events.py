@@ -48,7 +48,7 @@ def announce_job_finished(client: redis.Redis, job_id: str, state: str) -> None:
 
 EVENTS_CHANNEL: Final = f"{KEY_PREFIX}:job-events"
 STATE_EVENT: Final = "state"  # data {"state": JobState value}
-PROGRESS_EVENT: Final = "progress"  # data: the Progress fields
+PROGRESS_EVENT: Final = "progress"  # data: the StepProgress fields
 # Entries kept per job (approximately: Redis trims whole nodes). Progress is throttled
 # (`progress_interval_s`), so this spans minutes of one render; a client further behind
 # resumes from a fresh status snapshot instead.
@@ -105,7 +105,7 @@ def _append_event(
 
 
 def publish_job_state(
-    client: redis.Redis, job_id: str, state: str, progress: Progress | None = None
+    client: redis.Redis, job_id: str, state: str, progress: StepProgress | None = None
 ) -> None:
     """Log and publish a live job's new state: RUNNING, or QUEUED again (ends: announce)."""
     data: dict[str, Any] = {"state": state}
@@ -190,8 +190,8 @@ def wait_for_job(
 
 
 @dataclass(frozen=True)
-class Progress:
-    """Where a running job is: step of steps of the current image, images done."""
+class StepProgress:
+    """Where a running job is (its Redis record): step of steps of this image, images done."""
 
     attempt: int
     step: int
@@ -201,14 +201,19 @@ class Progress:
     updated_at: float
 
 
-def write_progress(client: redis.Redis, job_id: str, progress: Progress) -> None:
+# The record's former name, which the status body (shared.jobs.bodies.Progress) also has;
+# kept while modules still import it, so that importers can move to StepProgress one by one.
+Progress = StepProgress
+
+
+def write_progress(client: redis.Redis, job_id: str, progress: StepProgress) -> None:
     """Store a job's progress (callers throttle)."""
     key = progress_key(job_id)
     client.hset(key, mapping={k: str(v) for k, v in asdict(progress).items()})
     client.expire(key, PROGRESS_TTL_S)
 
 
-def publish_progress(client: redis.Redis, job_id: str, progress: Progress) -> None:
+def publish_progress(client: redis.Redis, job_id: str, progress: StepProgress) -> None:
     """Store a job's progress for the status route and publish it to its streams (one trip)."""
     fields = asdict(progress)
     with client.pipeline(transaction=False) as pipe:
@@ -218,13 +223,13 @@ def publish_progress(client: redis.Redis, job_id: str, progress: Progress) -> No
         pipe.execute()
 
 
-def read_progress(client: redis.Redis, job_id: str) -> Progress | None:
+def read_progress(client: redis.Redis, job_id: str) -> StepProgress | None:
     """A job's last reported progress, if any."""
     raw: dict[bytes, bytes] = client.hgetall(progress_key(job_id))  # type: ignore[assignment]
     if not raw:
         return None
     values = {k.decode(): v.decode() for k, v in raw.items()}
-    return Progress(
+    return StepProgress(
         attempt=int(values["attempt"]),
         step=int(values["step"]),
         steps=int(values["steps"]),
