@@ -14,12 +14,12 @@ carries the same JSON as GET /v2/requests/{id}, read when the job ends.
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -27,8 +27,7 @@ import redis
 from flask import Blueprint, Flask, Response, current_app, request, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field
 
-from api import views
-from api.auth import authenticated
+from api.auth import authenticated, current_principal
 from api.context import farm
 from api.errors import problem
 from api.schemas import Progress, PublicStatus
@@ -45,6 +44,7 @@ from shared.jobs.events import (
     read_events_after,
     read_events_from,
 )
+from shared.jobs.status import read_result, read_status
 from shared.models import TERMINAL_STATES, JobState
 from shared.redis_client import make_redis
 from shared.resources import Resources
@@ -53,7 +53,11 @@ log = logging.getLogger(__name__)
 bp = Blueprint("stream", __name__)
 
 HUB_KEY: Final = "kolors_farm_event_hub"
-EVENT_ID_PATTERN: Final = r"^[0-9]{1,20}-[0-9]{1,20}$"
+# An event id is a Redis Stream entry id, "ms-seq": Redis refuses parts of 2^64 and more,
+# so 19 digits each (ids are milliseconds and small counters). "0" is what SSE clients
+# send to start over: the same as "0-0", the whole log.
+EVENT_ID_PATTERN: Final = r"^(0|[0-9]{1,19}-[0-9]{1,19})$"
+FROM_THE_START: Final = "0-0"
 LAST_EVENT_ID_HEADER: Final = "Last-Event-ID"
 # Events a stream may fall behind by before it stops queueing them and re-reads the log.
 SUBSCRIBER_BACKLOG: Final = 256
@@ -70,7 +74,8 @@ class EventsQuery(BaseModel):
     last_event_id: str | None = Field(
         default=None,
         pattern=EVENT_ID_PATTERN,
-        description="Resume after this event, for clients that cannot send `Last-Event-ID`.",
+        description="Resume after this event, for clients that cannot send `Last-Event-ID` "
+        "(`0` or `0-0`: the request's whole log).",
     )
 
 
@@ -96,7 +101,8 @@ class ProgressEvent(BaseModel):
 
 LAST_EVENT_ID = HeaderParameter(
     LAST_EVENT_ID_HEADER,
-    "Resume after this event id (what an SSE client sends when it reconnects).",
+    "Resume after this event id (what an SSE client sends when it reconnects; "
+    "`0` or `0-0`: the request's whole log).",
     lambda _settings: {"type": "string", "pattern": EVENT_ID_PATTERN},
 )
 
@@ -274,29 +280,21 @@ def sse(event: str | None, event_id: str | None, data: str) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def _body(response: Response) -> str:
-    return response.get_data(as_text=True)
-
-
-def _undecorated(view: Callable[[str], Response]) -> Callable[[str], Response]:
-    """A route's own function, inside its API-key check (the stream's caller passed it)."""
-    inner: Callable[[str], Response] = getattr(view, "__wrapped__")  # noqa: B009
-    return inner
-
-
 def _read_status(job_id: str) -> dict[str, Any]:
     """The status route's JSON for this job (a short read-only transaction; 404 raises)."""
-    # The route's own function, so a stream says exactly what a poll would.
-    body: dict[str, Any] = json.loads(_body(_undecorated(views.job_status)(job_id)))
-    return body
+    # The same domain read as the route, so a stream says exactly what a poll would.
+    _job, body = read_status(farm(), current_principal(), job_id)
+    return body.model_dump(mode="json")
 
 
 def _read_result(job_id: str) -> str:
     """The JSON GET /v2/requests/{id} answers now: the result, FAILED, or the 410 problem."""
+    base = farm().settings.public_base_url or request.url_root
     try:
-        return _body(_undecorated(views.job_result)(job_id))
+        _job, body = read_result(farm(), current_principal(), job_id, base)
     except FarmError as exc:
-        return _body(problem(exc.status, exc.title, exc.message))
+        return problem(exc.status, exc.title, exc.message).get_data(as_text=True)
+    return body.model_dump_json()
 
 
 def _status_event(status: dict[str, Any]) -> StatusEvent:
@@ -471,18 +469,21 @@ def _live(stream: _Stream, start: _Start) -> Iterator[str]:
             yield ": keep-alive\n\n"
 
 
+def _event_id(given: str, name: str) -> str:
+    """A resume point as the log reads it ("0" is "0-0"); a 400 naming `name` if malformed."""
+    if re.fullmatch(EVENT_ID_PATTERN, given) is None:
+        raise InvalidParams.single(name, "pattern", "must be an event id this stream sent, or 0")
+    return FROM_THE_START if given == "0" else given
+
+
 def _resume_id(query: EventsQuery) -> str | None:
     """Where to resume: the `Last-Event-ID` header, else the query parameter."""
     header = request.headers.get(LAST_EVENT_ID_HEADER)
     if header is not None:
-        try:
-            event_position(header.strip())
-        except ValueError:
-            raise InvalidParams.single(
-                LAST_EVENT_ID_HEADER, "pattern", "must be an event id this stream sent"
-            ) from None
-        return header.strip()
-    return query.last_event_id
+        return _event_id(header.strip(), LAST_EVENT_ID_HEADER)
+    if query.last_event_id is not None:
+        return _event_id(query.last_event_id, "last_event_id")
+    return None
 
 
 @bp.get("/v2/requests/<job_id>/events")

@@ -7,7 +7,6 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-import redis
 from flask import Blueprint, Response, after_this_request, g, request, url_for
 from sqlalchemy import text
 
@@ -41,47 +40,22 @@ from shared.errors import InvalidLink, InvalidParams
 from shared.jobs.bodies import (
     failure_fields,
     image_link,
-    links_expire_at,
-    result_body,
-    status_body,
 )
-from shared.jobs.cache import (
-    CacheHit,
-    copy_cached_images,
-    discarded_on_error,
-    find_cached_images,
-    fleet_fingerprint,
-    image_cache_keys,
-)
-from shared.jobs.events import announce_job_finished, read_progress, request_cancel, wait_for_job
+from shared.jobs.events import wait_for_job
 from shared.jobs.idempotency import HEADER as IDEMPOTENCY_HEADER
 from shared.jobs.idempotency import (
     MAX_KEY_LENGTH,
     REPLAYED_HEADER,
-    Claimed,
-    Replay,
-    attach_job,
     check_key,
-    claim_key,
-    release_claim,
-    submission_fingerprint,
 )
-from shared.jobs.params import CONTENT_TYPES, RANDOM_SEED, KolorsParams, parse_params
+from shared.jobs.params import CONTENT_TYPES, KolorsParams, parse_params
 from shared.jobs.queries import ensure_results_retained, get_job, job_state, public_status
-from shared.jobs.transitions import cancel_job, image_storage_key, new_job_id, submit_job
+from shared.jobs.status import load_job, read_result, read_status
+from shared.jobs.submission import SubmitRequest, submit_request
+from shared.jobs.transitions import cancel_job
 from shared.links import signing_key, verify_image_link
-from shared.metrics.counters import (
-    ImageRecorded,
-    MetricEvent,
-    RequestFinished,
-    RequestSubmitted,
-    record,
-)
-from shared.models import TERMINAL_STATES, Job, JobState, utcnow
-from shared.scheduling.fleet import DISPATCH_LOCK_KEY, fleet, live_workers, wake_dispatcher
-from shared.scheduling.order import job_work
-from shared.scheduling.positions import estimate_wait_seconds, queue_place
-from shared.webhooks.urls import check_webhook
+from shared.models import TERMINAL_STATES, Job, JobState
+from shared.scheduling.fleet import DISPATCH_LOCK_KEY, live_workers
 
 log = logging.getLogger(__name__)
 bp = Blueprint("kolors", __name__)
@@ -199,138 +173,27 @@ def _retention() -> timedelta:
     return asked or timedelta(seconds=settings.result_retention_s)
 
 
-def _submit(params: KolorsParams, claimed: Claimed | None = None) -> Job:
-    """Commit a QUEUED job with its hold, then wake the dispatcher, which releases it."""
-    context = farm()
-    deadline = _deadline()
-    retention = _retention()
-    hit = _cache_hit(params)
-    with discarded_on_error(context.storage, hit), transaction(context.sessions) as session:
-        job = submit_job(
-            session,
-            current_principal(),
-            params,
-            context.settings.price_per_image,
-            max_live_jobs=context.settings.max_queued_per_user,
-            deadline=deadline,
-            retention=retention,
-            cached=hit,
-        )
-        if claimed is not None:
-            attach_job(session, claimed, job.id)
-        g.balance = get_balance(session, current_principal().user_id)
-    if hit is not None:
-        return _answered_from_cache(job)
-    try:
-        wake_dispatcher(context.redis)
-    except redis.RedisError as exc:
-        # The job is safe in SQL; the dispatcher finds it on its next tick once Redis is back.
-        log.warning("job %s: dispatcher not woken (%s)", job.id, type(exc).__name__)
-    record(context.redis, RequestSubmitted(job.tenant_id))
-    log.info("job %s queued for user %s", job.id, current_principal().user_id)
-    return job
-
-
-def _cache_hit(params: KolorsParams) -> CacheHit | None:
-    """The request's images copied from the result cache for a new job; None: render it.
-
-    Only while every live worker names one render fingerprint, for a fixed seed, and
-    when every image hits; a miss costs one indexed read.
-    """
-    context = farm()
-    settings = context.settings
-    if not settings.cache or params.seed == RANDOM_SEED:
-        return None  # a random seed practically never repeats: no lookup at all
-    try:
-        fingerprint = fleet_fingerprint(live_workers(context.redis))
-    except redis.RedisError:
-        return None
-    if fingerprint is None:
-        return None
-    principal = current_principal()
-    keys = image_cache_keys(params, params.seed, fingerprint)
-    tenant = principal.tenant_id if settings.cache_scope == "tenant" else None
-    with read_only(context.sessions) as session:
-        found = find_cached_images(session, keys, tenant)
-    if len(found) < len(keys):
-        return None
-    job_id = new_job_id()
-    destinations = [
-        image_storage_key(principal.tenant_id, job_id, index, params.output_format)
-        for index in range(len(keys))
-    ]
-    try:
-        return copy_cached_images(
-            context.storage,
-            job_id,
-            [found[key] for key in keys],
-            destinations,
-            settings.cache_price_fraction,
-        )
-    except Exception as exc:
-        # A source deleted meanwhile (retention cleanup), or storage trouble: render it.
-        log.warning("result cache copy failed (%s); rendering instead", type(exc).__name__)
-        return None
-
-
-def _answered_from_cache(job: Job) -> Job:
-    """Count and announce a request that ended COMPLETED at submission."""
-    context = farm()
-    events: list[MetricEvent] = [
-        RequestSubmitted(job.tenant_id),
-        RequestFinished(job.tenant_id, job.state),
-    ]
-    events += [
-        ImageRecorded(job.tenant_id, job.price_per_image, cached=True)
-    ] * job.number_of_images
-    record(context.redis, *events)
-    try:
-        announce_job_finished(context.redis, job.id, job.state)
-    except redis.RedisError as exc:
-        log.warning("job %s: end not announced (%s)", job.id, type(exc).__name__)
-    log.info("job %s answered from the result cache", job.id)
-    return job
-
-
 def _submit_once(route: str, params: KolorsParams) -> Job:
     """Submit, or with an `Idempotency-Key` seen before, find the request it created."""
-    check_webhook(params.webhook, farm().settings)  # before anything is written
     key = check_key(request.headers.getlist(IDEMPOTENCY_HEADER))
-    if key is None:
-        return _submit(params)
-    context = farm()
-    principal = current_principal()
-    deadline = _deadline()
-    digest = submission_fingerprint(
-        route,
-        params,
-        deadline.total_seconds() if deadline else None,
-        _retention().total_seconds(),
+    asked = SubmitRequest(
+        principal=current_principal(),
+        route=route,
+        params=params,
+        deadline=_deadline(),
+        retention=_retention(),
+        idempotency_key=key,
     )
-    ttl = timedelta(seconds=context.settings.idempotency_ttl_s)
-    with transaction(context.sessions) as session:
-        claim = claim_key(session, principal.user_id, key, digest, utcnow(), ttl)
-    if isinstance(claim, Replay):
-        with read_only(context.sessions) as session:
-            job = get_job(session, principal, claim.job_id)
-            g.balance = get_balance(session, principal.user_id)
+    submission = submit_request(farm(), asked)
+    g.balance = submission.balance
+    if submission.replayed:
 
         @after_this_request
         def replayed(response: Response) -> Response:
             response.headers[REPLAYED_HEADER] = "true"
             return response
 
-        return job
-    try:
-        return _submit(params, claim)
-    except Exception:
-        try:
-            with transaction(context.sessions) as session:
-                release_claim(session, claim)
-        except Exception as exc:
-            # Taken over once stale (a minute), so a retry succeeds even so.
-            log.warning("idempotency claim not released (%s)", type(exc).__name__)
-        raise
+    return submission.job
 
 
 def external_url(endpoint: str, **values: Any) -> str:
@@ -351,10 +214,7 @@ def _job_urls(job_id: str) -> dict[str, str]:
 
 
 def _load_job(job_id: str) -> Job:
-    with read_only(farm().sessions) as session:
-        job = get_job(session, current_principal(), job_id)
-        _ = job.images  # load while the session is open
-        return job
+    return load_job(farm(), current_principal(), job_id)
 
 
 def _answer(body: JobStatus | JobResult, job: Job) -> Response:
@@ -495,26 +355,7 @@ def kolors_async() -> Response:
 @authenticated
 def job_status(job_id: str) -> Response:
     """The job's state, progress, queue position and ETA; FAILED is served with 422."""
-    context = farm()
-    with read_only(context.sessions) as session:
-        job = get_job(session, current_principal(), job_id)
-        place = queue_place(session, job) if job.state == JobState.QUEUED.value else None
-    progress = read_progress(context.redis, job.id) if job.state == JobState.RUNNING.value else None
-    step = progress.step if progress else 0
-    steps = progress.steps if progress else job.params["steps"]
-    position: int | None = None
-    eta: float | None = None
-    if job.state in (JobState.QUEUED.value, JobState.RUNNING.value):
-        workers, speed_of = fleet(context.redis)
-        speeds = list(speed_of.values())
-        own_work = job_work(job)
-        if place is not None:
-            position = place.position
-            eta = estimate_wait_seconds(place.work_ahead, own_work, speeds, len(workers))
-        else:
-            done = (job.images_done + step / max(1, steps)) / job.number_of_images
-            eta = estimate_wait_seconds(0.0, own_work * (1 - min(1.0, done)), speeds, 1)
-    body = status_body(job, step=step, steps=steps, queue_position=position, eta_seconds=eta)
+    job, body = read_status(farm(), current_principal(), job_id)
     return _answer(body, job)
 
 
@@ -541,10 +382,8 @@ def image_links(job: Job, expires_at: datetime) -> list[str]:
 @authenticated
 def job_result(job_id: str) -> Response:
     """The result: fresh expiring image links, seeds, generation records, timing metrics."""
-    job = _load_job(job_id)
-    ensure_results_retained(job)
-    expires_at = links_expire_at(job, farm().settings)
-    body = result_body(job, job.images, image_links(job, expires_at), expires_at)
+    base = farm().settings.public_base_url or request.url_root
+    job, body = read_result(farm(), current_principal(), job_id, base)
     return _answer(body, job)
 
 
@@ -615,20 +454,9 @@ def result_image(token: str) -> Response:
 @authenticated
 def job_cancel(job_id: str) -> Response:
     """Cancel: a queued job ends now, a running one at its next step; repeats are harmless."""
-    context = farm()
-    with transaction(context.sessions) as session:
+    with transaction(farm().sessions) as session:
         before = get_job(session, current_principal(), job_id).state
         job = cancel_job(session, current_principal(), job_id)
-    if job.state == JobState.RUNNING.value:
-        request_cancel(context.redis, job.id)
-    elif before == JobState.QUEUED.value and job.state == JobState.CANCELLED.value:
-        # It ended here, not on a worker: count and announce its end here.
-        record(context.redis, RequestFinished(job.tenant_id, job.state))
-        try:
-            announce_job_finished(context.redis, job.id, job.state)
-        except redis.RedisError as exc:
-            # Waiters and streams also re-read the job's row now and then.
-            log.warning("job %s: end not announced (%s)", job.id, type(exc).__name__)
     error, cancelled = failure_fields(job)
     detail = None
     if JobState(before) in TERMINAL_STATES:

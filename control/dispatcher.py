@@ -29,7 +29,6 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.celery_app import RENDER_QUEUE, make_celery, publish_render
 from shared.db import read_only, transaction
-from shared.jobs.events import announce_job_finished, publish_job_state, request_cancel
 from shared.jobs.idempotency import IDEMPOTENCY_CLEANUP_BATCH, delete_expired_keys
 from shared.jobs.queries import expired_results, stale_releases
 from shared.jobs.transitions import (
@@ -40,13 +39,7 @@ from shared.jobs.transitions import (
     touch_release,
     unrelease_job,
 )
-from shared.metrics.counters import (
-    Dispatched,
-    MetricEvent,
-    RequestFinished,
-    record,
-    tenants_of_jobs,
-)
+from shared.metrics.counters import Dispatched, record
 from shared.models import JobState, utcnow
 from shared.resources import Resources, open_resources
 from shared.scheduling.fleet import DISPATCH_LOCK_KEY, live_workers, settling_jobs, wait_for_wake
@@ -66,7 +59,6 @@ class PassReport:
     failed: list[str] = field(default_factory=list)  # ended FAILED or CANCELLED
     expired: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
-    ended: list[tuple[str, str]] = field(default_factory=list)  # (job, state) for the metrics
 
 
 class Dispatcher:
@@ -119,49 +111,28 @@ class Dispatcher:
         with transaction(self.sessions) as session:
             deadlines = enforce_deadlines(session)
             leases = recover_expired_leases(session, self.settings.max_attempts)
+        # Their cancel flags, requeue events and end announcements went out with the commit.
         report.expired = deadlines.cancelled
-        for job_id in deadlines.running:
-            request_cancel(self.redis, job_id)
         for outcome in leases:
             if outcome.state == JobState.QUEUED:
                 report.requeued.append(outcome.job_id)
-                publish_job_state(self.redis, outcome.job_id, JobState.QUEUED.value)
             else:
                 report.failed.append(outcome.job_id)
-                report.ended.append((outcome.job_id, outcome.state.value))
-                announce_job_finished(self.redis, outcome.job_id, outcome.state.value)
             log.warning(
                 "job %s: lease of attempt %d expired; now %s",
                 outcome.job_id,
                 outcome.attempt,
                 outcome.state.value,
             )
-        report.ended += [(job_id, JobState.CANCELLED.value) for job_id in deadlines.cancelled]
-        for job_id in deadlines.cancelled:
-            announce_job_finished(self.redis, job_id, JobState.CANCELLED.value)
         self._republish_lost(report)
 
     def _count(self, report: PassReport) -> None:
-        """Count what this pass did in the farm's metrics (after its commits)."""
-        events: list[MetricEvent] = []
+        """Count what this pass did in the farm's metrics (jobs it ended count themselves)."""
         if report.released or report.requeued or report.republished:
-            events.append(
-                Dispatched(len(report.released), len(report.requeued), len(report.republished))
+            dispatched = Dispatched(
+                len(report.released), len(report.requeued), len(report.republished)
             )
-        if report.ended:
-            try:
-                with read_only(self.sessions) as session:
-                    tenants = tenants_of_jobs(session, [job for job, _state in report.ended])
-            except (OperationalError, InterfaceError) as exc:
-                # The jobs ended all the same; only their count is lost.
-                log.warning("ended jobs not counted (%s)", type(exc).__name__)
-                tenants = {}
-            events += [
-                RequestFinished(tenants[job], state)
-                for job, state in report.ended
-                if job in tenants
-            ]
-        record(self.redis, *events)
+            record(self.redis, dispatched)
 
     def _republish_lost(self, report: PassReport) -> None:
         """Publish again the released jobs whose messages the broker no longer holds."""

@@ -1,7 +1,10 @@
 """Wire the settings into the long-lived clients every process uses: the one place that does.
 
 The API, the workers and the dispatcher each call `open_resources` once at
-start (after a fork, for gunicorn) and close it when they stop.
+start (after a fork, for gunicorn) and close it when they stop. Wiring the
+session factory includes its after-commit publisher (`shared.jobs.effects`), so
+this module sits above every package of `shared` rather than beside the platform
+modules.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import make_engine, make_session_factory
+from shared.jobs.effects import install_publisher
 from shared.redis_client import make_redis
 from shared.settings import Settings
 from shared.storage import ResultStorage, make_storage
@@ -27,6 +31,10 @@ class Resources:
     sessions: sessionmaker[Session]
     redis: redis.Redis
     storage: ResultStorage
+
+    def __post_init__(self) -> None:
+        # Every transaction's effects (announcements, metrics, wake-ups) go to this Redis.
+        install_publisher(self.sessions, self.redis)
 
     def close(self) -> None:
         """Release the connections."""

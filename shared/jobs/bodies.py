@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from shared.jobs.queries import public_status
+from shared.jobs.queries import public_status, results_expired
 from shared.links import ImageLink, sign_image_link, signing_key
 from shared.models import Job, JobImage, JobState, utcnow
 from shared.settings import Settings
@@ -197,3 +197,11 @@ def result_body(
         error=error,
         cancelled=cancelled,
     )
+
+
+def result_of(job: Job, settings: Settings, storage: ResultStorage, base_url: str) -> JobResult:
+    """A loaded job's result body with fresh links under `base_url` (none once expired)."""
+    expires_at = links_expire_at(job, settings)
+    images = [] if results_expired(job) else list(job.images)
+    links = [image_link(job, image, expires_at, settings, storage, base_url) for image in images]
+    return result_body(job, images, links, expires_at)

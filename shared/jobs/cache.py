@@ -32,7 +32,7 @@ from typing import Any, Final, Literal
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from shared.jobs.params import MAX_SEED, KolorsParams
+from shared.jobs.params import KolorsParams, image_seed
 from shared.models import Job, JobImage, utcnow
 from shared.storage import ResultStorage
 
@@ -101,7 +101,7 @@ def cache_key(params: KolorsParams, seed: int, fingerprint: str) -> str:
 def image_cache_keys(params: KolorsParams, base_seed: int, fingerprint: str) -> list[str]:
     """The cache keys of a request's images, in order (image i uses seed + i)."""
     return [
-        cache_key(params, (base_seed + index) % (MAX_SEED + 1), fingerprint)
+        cache_key(params, image_seed(base_seed, index), fingerprint)
         for index in range(params.number_of_images)
     ]
 

@@ -8,7 +8,6 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from shared.jobs import bodies
-from shared.jobs.queries import results_expired
 from shared.models import (
     Job,
     WebhookDelivery,
@@ -31,11 +30,8 @@ def result_body(job: Job, settings: Settings, storage: ResultStorage) -> dict[st
     Links are absolute under `public_base_url`; when it is unset they are paths
     (`/v2/results/...`) the receiver resolves against the farm's address.
     """
-    expires_at = bodies.links_expire_at(job, settings)
-    images = [] if results_expired(job) else list(job.images)
-    base = settings.public_base_url or ""
-    links = [bodies.image_link(job, image, expires_at, settings, storage, base) for image in images]
-    return bodies.result_body(job, images, links, expires_at).model_dump(mode="json")
+    body = bodies.result_of(job, settings, storage, settings.public_base_url or "")
+    return body.model_dump(mode="json")
 
 
 def prepare(

@@ -33,9 +33,14 @@ def progress_key(job_id: str) -> str:
 def announce_job_finished(client: redis.Redis, job_id: str, state: str) -> None:
     """Tell waiters (the synchronous route, event streams) that a job reached a terminal state."""
     with client.pipeline(transaction=False) as pipe:
-        pipe.publish(job_channel(job_id), state)
-        _append_event(pipe, job_id, STATE_EVENT, {"state": state}, final=True)
+        queue_job_ended(pipe, job_id, state)
         pipe.execute()
+
+
+def queue_job_ended(pipe: Any, job_id: str, state: str) -> None:
+    """Queue on a pipeline the announcement of a job's end (see `announce_job_finished`)."""
+    pipe.publish(job_channel(job_id), state)
+    _append_event(pipe, job_id, STATE_EVENT, {"state": state}, final=True)
 
 
 # ---------------------------------------------------------------- the progress stream
@@ -108,12 +113,19 @@ def publish_job_state(
     client: redis.Redis, job_id: str, state: str, progress: StepProgress | None = None
 ) -> None:
     """Log and publish a live job's new state: RUNNING, or QUEUED again (ends: announce)."""
+    with client.pipeline(transaction=False) as pipe:
+        queue_job_state(pipe, job_id, state, progress)
+        pipe.execute()
+
+
+def queue_job_state(
+    pipe: Any, job_id: str, state: str, progress: StepProgress | None = None
+) -> None:
+    """Queue on a pipeline the event of a live job's new state (see `publish_job_state`)."""
     data: dict[str, Any] = {"state": state}
     if progress is not None:
         data["progress"] = asdict(progress)
-    with client.pipeline(transaction=False) as pipe:
-        _append_event(pipe, job_id, STATE_EVENT, data)
-        pipe.execute()
+    _append_event(pipe, job_id, STATE_EVENT, data)
 
 
 def parse_published_event(message: bytes) -> JobEvent:
@@ -246,7 +258,12 @@ def cancel_key(job_id: str) -> str:
 
 def request_cancel(client: redis.Redis, job_id: str) -> None:
     """Ask the worker rendering `job_id` to stop at its next step."""
-    client.set(cancel_key(job_id), "1", ex=PROGRESS_TTL_S)
+    queue_cancel_request(client, job_id)
+
+
+def queue_cancel_request(pipe: Any, job_id: str) -> None:
+    """Set the cancel flag of `job_id`, on a client or a pipeline."""
+    pipe.set(cancel_key(job_id), "1", ex=PROGRESS_TTL_S)
 
 
 def is_cancel_requested(client: redis.Redis, job_id: str) -> bool:

@@ -66,6 +66,11 @@ def _default_events() -> list[WebhookEvent]:
 Dimension = Annotated[int, Field(ge=512, le=2048, multiple_of=8)]
 
 
+def image_seed(base_seed: int, index: int) -> int:
+    """The seed of image `index` of a request whose base seed is `base_seed` (mod 2^32)."""
+    return (base_seed + index) % (MAX_SEED + 1)
+
+
 class KolorsParams(BaseModel):
     """Parameters of one Kolors request, exactly as Segmind names them."""
 
@@ -102,7 +107,8 @@ class KolorsParams(BaseModel):
         max_length=2048,
         description="Farm extension (Replicate's name): an http(s) URL to POST the request's "
         "events to, signed per Standard Webhooks. Hosts that resolve to loopback, private, "
-        "link-local or metadata addresses are refused unless the operator allows them.",
+        "link-local or metadata addresses are refused unless the operator allows them. "
+        "No webhook: null, empty, or `null` (how form data spells null).",
     )
     webhook_events_filter: list[WebhookEvent] = Field(
         default_factory=_default_events,
@@ -139,7 +145,9 @@ class KolorsParams(BaseModel):
     @field_validator("webhook")
     @classmethod
     def _webhook_is_http(cls, value: str | None) -> str | None:
-        if value is None:
+        # Form data has no null: an empty field, or the word, is how it says "no webhook"
+        # (the same as JSON null). Neither can be an http(s) URL, so nothing is lost.
+        if value is None or value in ("", "null"):
             return None
         try:
             return check_url_syntax(value)
@@ -164,10 +172,6 @@ class KolorsParams(BaseModel):
     def _jpg_is_jpeg(cls, value: Any) -> Any:
         # Segmind accepts "jpg"; it names the same encoder, so this is an alias, not a fix.
         return "jpeg" if isinstance(value, str) and value.lower() == "jpg" else value
-
-    def image_seed(self, base_seed: int, index: int) -> int:
-        """The seed of image `index` of a job whose resolved base seed is `base_seed`."""
-        return (base_seed + index) % (MAX_SEED + 1)
 
     def render_fields(self) -> dict[str, Any]:
         """The parameters a job stores: rendering inputs (no response flags, no webhook)."""

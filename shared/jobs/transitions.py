@@ -12,12 +12,16 @@ dispatcher (QUEUED, in flight) -> claimed by a worker (RUNNING) -> ended
 go back in line (its message was lost); a RUNNING one too (its lease lapsed).
 
 The lines and tenants' queues are kept by `shared.scheduling.lines`, whose lock order every
-transition here follows (see `keeps_tenants`).
+transition here follows (see `keeps_tenants`), and only by it. What must happen
+once a change commits (announcing an end, counting it, waking the dispatcher) is
+recorded here with `shared.jobs.effects.after_commit` and published after the
+commit for every caller.
 """
 
 from __future__ import annotations
 
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,7 +36,17 @@ from shared.accounts.pricing import price_per_image
 from shared.accounts.users import Principal
 from shared.errors import StaleAttempt, TooManyJobs
 from shared.jobs.cache import CacheHit, cached_price
-from shared.jobs.params import EXTENSIONS, MAX_SEED, RANDOM_SEED, KolorsParams
+from shared.jobs.effects import (
+    CancelRequested,
+    ImageDelivered,
+    JobEnded,
+    JobRequeued,
+    JobStarted,
+    JobSubmitted,
+    after_commit,
+)
+from shared.jobs.events import Progress
+from shared.jobs.params import EXTENSIONS, MAX_SEED, RANDOM_SEED, KolorsParams, image_seed
 from shared.jobs.queries import expired_leases, get_job, past_deadline
 from shared.models import (
     RELEASED,
@@ -46,11 +60,15 @@ from shared.models import (
 from shared.scheduling.fairshare import QueuedJob
 from shared.scheduling.lines import (
     Line,
-    enter_line,
+    join_line,
     keeps_tenants,
-    leave_line,
+    leave_for_good,
     lock_line,
     lock_line_of_job,
+    next_submission_time,
+    note_submission,
+    release_from_line,
+    return_to_line,
     save_line,
 )
 from shared.scheduling.order import next_in_fair_order
@@ -59,8 +77,6 @@ from shared.webhooks.outbox import COMPLETED, START, add_delivery
 DEADLINE_ERROR: Final = "The request's deadline passed; undelivered images were not charged"
 CANCELLED_ERROR: Final = "Cancelled by the user"
 _LIVE: Final = (JobState.QUEUED.value, JobState.RUNNING.value)
-# A user's jobs get strictly increasing submission times, whatever the hosts' clocks do.
-_TICK: Final = timedelta(microseconds=1)
 # A rendered job whose cancel arrived mid-render ends CANCELLED, keeping what it delivered.
 _FINISHED_STATE = case(
     (Job.cancel_requested.is_(True), JobState.CANCELLED.value), else_=JobState.COMPLETED.value
@@ -81,8 +97,8 @@ class RenderSpec:
     deadline_at: datetime | None = None
 
     def image_seed(self, index: int) -> int:
-        """The seed of image `index` (base seed + index, modulo 2^32)."""
-        return (self.seed + index) % (MAX_SEED + 1)
+        """The seed of image `index` of this job."""
+        return image_seed(self.seed, index)
 
     def pending_indices(self) -> list[int]:
         """Image indices not yet delivered by an earlier attempt."""
@@ -134,13 +150,12 @@ def _end_job(
         return None
     # The outbox row commits with the end itself: no crash can lose the event.
     add_delivery(session, job_id, row.tenant_id, row.webhook_url, row.webhook_events, COMPLETED)
-    if row.released_at is None:
-        leave_line(session, line, job_id, row.queue_seq, row.work)
-    else:
-        line.in_flight -= 1
+    released = row.released_at is not None
+    leave_for_good(session, line, job_id, row.queue_seq, row.work, released)
     save_line(session, line)
     release_hold(session, line.user_id, job_id)
     state: str = row.state
+    after_commit(session, JobEnded(job_id, row.tenant_id, state, freed_slot=released))
     return state
 
 
@@ -179,40 +194,55 @@ def submit_job(
         )
     unit_price = price_per_image(params.width, params.height, params.steps, reference_price)
     now = utcnow()
-    created_at = _created_at(line, now)
-    job = Job(
-        id=new_job_id(),
-        tenant_id=principal.tenant_id,
-        user_id=principal.user_id,
-        state=JobState.QUEUED.value,
-        params=params.render_fields(),
+    created_at = next_submission_time(line, now)
+    job = _new_job(
+        principal,
+        params,
+        job_id=new_job_id(),
+        state=JobState.QUEUED,
         seed=resolve_seed(params.seed),
-        number_of_images=params.number_of_images,
         price_per_image=unit_price,
         created_at=created_at,
-        deadline_at=now + deadline if deadline is not None else None,
         expires_at=now + retention if retention is not None else None,
-        queue_seq=line.head_seq + line.waiting,
-        work=pixel_steps(params),
-        **webhook_fields(params),
+        deadline_at=now + deadline if deadline is not None else None,
+        queue_seq=join_line(line, created_at, pixel_steps(params)),
     )
     session.add(job)
     session.flush()
     hold_credits(session, principal.user_id, job.id, unit_price * params.number_of_images)
-    line.waiting += 1
-    line.waiting_work += job.work
-    line.last_created_at = created_at
-    line.ends_moved = True
     save_line(session, line)
+    after_commit(session, JobSubmitted(job.tenant_id))
     return job
 
 
-def _created_at(line: Line, now: datetime) -> datetime:
-    """A submission time after the user's previous one, whatever the hosts' clocks do."""
-    created_at = now
-    if line.last_created_at is not None and created_at <= line.last_created_at:
-        created_at = line.last_created_at + _TICK
-    return created_at
+def _new_job(
+    principal: Principal,
+    params: KolorsParams,
+    *,
+    job_id: str,
+    state: JobState,
+    seed: int,
+    price_per_image: int,
+    created_at: datetime,
+    expires_at: datetime | None,
+    **columns: Any,
+) -> Job:
+    """A new job row of `principal`'s for `params`: the columns every submission sets."""
+    return Job(
+        id=job_id,
+        tenant_id=principal.tenant_id,
+        user_id=principal.user_id,
+        state=state.value,
+        params=params.render_fields(),
+        seed=seed,
+        number_of_images=params.number_of_images,
+        price_per_image=price_per_image,
+        created_at=created_at,
+        expires_at=expires_at,
+        work=pixel_steps(params),
+        **webhook_fields(params),
+        **columns,
+    )
 
 
 def _complete_from_cache(
@@ -233,23 +263,19 @@ def _complete_from_cache(
     full_price = price_per_image(params.width, params.height, params.steps, reference_price)
     unit_price = cached_price(full_price, cached.price_fraction)
     now = utcnow()
-    created_at = _created_at(line, now)
-    job = Job(
-        id=cached.job_id,
-        tenant_id=principal.tenant_id,
-        user_id=principal.user_id,
-        state=JobState.COMPLETED.value,
-        params=params.render_fields(),
+    created_at = next_submission_time(line, now)
+    job = _new_job(
+        principal,
+        params,
+        job_id=cached.job_id,
+        state=JobState.COMPLETED,
         seed=params.seed,
-        number_of_images=params.number_of_images,
-        images_done=params.number_of_images,
         price_per_image=unit_price,
         created_at=created_at,
+        expires_at=now + retention if retention is not None else None,
+        images_done=params.number_of_images,
         started_at=created_at,
         finished_at=created_at,
-        expires_at=now + retention if retention is not None else None,
-        work=pixel_steps(params),
-        **webhook_fields(params),
     )
     session.add(job)
     session.flush()
@@ -274,8 +300,16 @@ def _complete_from_cache(
         )
         if unit_price > 0:
             capture_image_credit(session, principal.user_id, job.id, unit_price)
-    line.last_created_at = created_at
+    note_submission(line, created_at)
     save_line(session, line)
+    delivered = ImageDelivered(job.tenant_id, unit_price, cached=True)
+    ended = JobEnded(job.id, job.tenant_id, job.state, freed_slot=False)
+    after_commit(
+        session,
+        JobSubmitted(job.tenant_id, queued=False),
+        *[delivered] * job.number_of_images,
+        ended,
+    )
     return job
 
 
@@ -298,8 +332,7 @@ def release_jobs(session: Session, jobs: list[QueuedJob]) -> list[str]:
             ).first()
             if row is None:
                 continue
-            leave_line(session, line, job.job_id, row.queue_seq, row.work)
-            line.in_flight += 1
+            release_from_line(session, line, job.job_id, row.queue_seq, row.work)
             released.add(job.job_id)
         save_line(session, line)
     return [job.job_id for job in jobs if job.job_id in released]
@@ -319,8 +352,7 @@ def unrelease_job(session: Session, job_id: str) -> None:
     ).first()
     if row is None:
         return
-    line.in_flight -= 1
-    enter_line(session, line, job_id, row.created_at, row.work)
+    return_to_line(session, line, job_id, row.created_at, row.work)
     save_line(session, line)
 
 
@@ -358,18 +390,22 @@ def claim_job(session: Session, job_id: str, worker: str, lease: timedelta) -> R
             Job.deadline_at,
             Job.webhook_url,
             Job.webhook_events,
+            Job.created_at,
+            Job.started_at,
         )
     ).first()
     if row is None:
         return None
+    queue_wait_s = None
     if row.attempt == 1:  # the first claim starts the job; a retry is not a new start
         add_delivery(session, job_id, row.tenant_id, row.webhook_url, row.webhook_events, START)
+        queue_wait_s = max(0.0, (row.started_at - row.created_at).total_seconds())
     delivered: frozenset[int] = frozenset()
     if row.attempt > 1:  # only an earlier attempt can have delivered images
         delivered = frozenset(
             session.execute(select(JobImage.index).where(JobImage.job_id == job_id)).scalars()
         )
-    return RenderSpec(
+    spec = RenderSpec(
         job_id=job_id,
         user_id=row.user_id,
         tenant_id=row.tenant_id,
@@ -379,6 +415,16 @@ def claim_job(session: Session, job_id: str, worker: str, lease: timedelta) -> R
         delivered=delivered,
         deadline_at=row.deadline_at,
     )
+    progress = Progress(
+        attempt=spec.attempt,
+        step=0,
+        steps=spec.params.steps,
+        images_done=len(delivered),
+        images=spec.params.number_of_images,
+        updated_at=time.time(),
+    )
+    after_commit(session, JobStarted(job_id, row.tenant_id, progress, queue_wait_s))
+    return spec
 
 
 def renew_lease(session: Session, job_id: str, attempt: int, lease: timedelta) -> bool:
@@ -421,7 +467,7 @@ def record_image(
         update(Job)
         .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
         .values(images_done=Job.images_done + 1)
-        .returning(Job.user_id, Job.price_per_image)
+        .returning(Job.user_id, Job.tenant_id, Job.price_per_image)
     ).first()
     if row is None:
         raise StaleAttempt(f"job {job_id} is no longer held by attempt {attempt}")
@@ -439,6 +485,7 @@ def record_image(
         )
     )
     capture_image_credit(session, row.user_id, job_id, row.price_per_image)
+    after_commit(session, ImageDelivered(row.tenant_id, row.price_per_image))
     if line is None:
         return None
     return _finish(session, line, job_id, attempt, stopped_because)
@@ -517,6 +564,7 @@ def cancel_job(session: Session, principal: Principal, job_id: str) -> Job:
             .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
             .values(cancel_requested=True, error=CANCELLED_ERROR)
         )
+        after_commit(session, CancelRequested(job_id))
     session.refresh(job)
     return job
 
@@ -586,9 +634,9 @@ def recover_expired_leases(
             .returning(Job.created_at, Job.work)
         ).first()
         if requeued is not None:
-            line.in_flight -= 1
-            enter_line(session, line, job_id, requeued.created_at, requeued.work)
+            return_to_line(session, line, job_id, requeued.created_at, requeued.work)
             save_line(session, line)
+            after_commit(session, JobRequeued(job_id))
             outcomes.append(LeaseOutcome(job_id, row.attempt, JobState.QUEUED))
     return outcomes
 
@@ -629,7 +677,9 @@ def enforce_deadlines(session: Session, limit: int = 500) -> DeadlineOutcome:
         .values(cancel_requested=True, error=DEADLINE_ERROR)
         .returning(Job.id)
     ).scalars()
-    return DeadlineOutcome(cancelled=cancelled, running=list(running))
+    stopping = list(running)
+    after_commit(session, *[CancelRequested(job_id) for job_id in stopping])
+    return DeadlineOutcome(cancelled=cancelled, running=stopping)
 
 
 def mark_results_deleted(session: Session, job_id: str) -> None:

@@ -12,7 +12,7 @@ and swallowed: a metric is never worth a failed render.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Literal, Protocol
@@ -327,15 +327,6 @@ def claim_facts(session: Session, job_id: str) -> ClaimFacts | None:
     if row is None:
         return None
     return ClaimFacts(row.created_at, row.started_at, row.price_per_image)
-
-
-def tenants_of_jobs(session: Session, job_ids: Iterable[str]) -> dict[str, int]:
-    """The tenant of each job (by primary key; for the few jobs a recovery pass ended)."""
-    wanted = sorted(set(job_ids))
-    if not wanted:
-        return {}
-    rows = session.execute(select(Job.id, Job.tenant_id).where(Job.id.in_(wanted)))
-    return {row.id: row.tenant_id for row in rows}
 
 
 # ---------------------------------------------------------------- reading at scrape time

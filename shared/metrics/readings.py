@@ -17,9 +17,8 @@ import redis
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from shared.models import Tenant, TenantQueue, UserQueue
+from shared.models import ACTIVE_LINE, Tenant, TenantQueue, UserQueue
 from shared.scheduling.fleet import DISPATCH_LOCK_KEY, fleet
-from shared.scheduling.lines import ACTIVE_LINE
 
 
 @dataclass(frozen=True)

@@ -112,9 +112,14 @@ SPEED_KEY: Final = f"{KEY_PREFIX}:speed"
 def wake_dispatcher(client: redis.Redis) -> None:
     """Tell the dispatcher there is work now, instead of at its next tick."""
     with client.pipeline(transaction=False) as pipe:
-        pipe.lpush(DISPATCH_WAKE_KEY, "1")
-        pipe.ltrim(DISPATCH_WAKE_KEY, 0, 0)
+        queue_wake(pipe)
         pipe.execute()
+
+
+def queue_wake(pipe: Any) -> None:
+    """Queue the dispatcher's wake-up on a pipeline (see `wake_dispatcher`)."""
+    pipe.lpush(DISPATCH_WAKE_KEY, "1")
+    pipe.ltrim(DISPATCH_WAKE_KEY, 0, 0)
 
 
 def wait_for_wake(client: redis.Redis, timeout_s: float) -> bool:

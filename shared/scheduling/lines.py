@@ -16,21 +16,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import wraps
 from typing import Any, Final, ParamSpec, TypeVar
 
-from sqlalchemy import Float, cast, func, select, text, update
+from sqlalchemy import Float, cast, func, select, update
 from sqlalchemy.orm import Session
 
-from shared.models import ACTIVE_LINE_SQL, WAITING_SQL, Job, TenantQueue, User, UserQueue
+from shared.models import ACTIVE_LINE, WAITING, Job, TenantQueue, User, UserQueue
 
-# The partial indexes' predicates, as literal text (see shared.jobs.queries).
-WAITING: Final = text(f"({WAITING_SQL})")
-ACTIVE_LINE: Final = text(f"({ACTIVE_LINE_SQL})")
 P = ParamSpec("P")
 R = TypeVar("R")
 _PENDING: Final = "kolors_farm_tenants_to_refresh"
+# A user's jobs get strictly increasing submission times, whatever the hosts' clocks do.
+_TICK: Final = timedelta(microseconds=1)
 
 
 @dataclass
@@ -108,6 +107,53 @@ def save_line(session: Session, line: Line) -> None:
         }
     session.execute(update(UserQueue).where(UserQueue.user_id == line.user_id).values(**values))
     tenant_changed(session, line.tenant_id)
+
+
+def next_submission_time(line: Line, now: datetime) -> datetime:
+    """A submission time after the user's previous one, whatever the hosts' clocks do."""
+    if line.last_created_at is not None and now <= line.last_created_at:
+        return line.last_created_at + _TICK
+    return now
+
+
+def join_line(line: Line, created_at: datetime, work: int) -> int:
+    """Count a new job at the end of the user's line; returns its number in the line."""
+    seq = line.head_seq + line.waiting
+    line.waiting += 1
+    line.waiting_work += work
+    line.last_created_at = created_at
+    line.ends_moved = True
+    return seq
+
+
+def note_submission(line: Line, created_at: datetime) -> None:
+    """Count the submission time of a job that never waits (answered from the cache)."""
+    line.last_created_at = created_at
+
+
+def release_from_line(session: Session, line: Line, job_id: str, seq: int, work: int) -> None:
+    """A waiting job was released: it leaves the line and is in flight."""
+    leave_line(session, line, job_id, seq, work)
+    line.in_flight += 1
+
+
+def leave_for_good(
+    session: Session, line: Line, job_id: str, seq: int | None, work: int, released: bool
+) -> None:
+    """A live job ended: out of the line if it was waiting, else no longer in flight."""
+    if released:
+        line.in_flight -= 1
+    else:
+        assert seq is not None, "a waiting job has its number in the line"
+        leave_line(session, line, job_id, seq, work)
+
+
+def return_to_line(
+    session: Session, line: Line, job_id: str, created_at: datetime, work: int
+) -> None:
+    """A job in flight came back (a lost message, a lapsed lease): in line by its age."""
+    line.in_flight -= 1
+    enter_line(session, line, job_id, created_at, work)
 
 
 def leave_line(session: Session, line: Line, job_id: str, seq: int, work: int) -> None:
