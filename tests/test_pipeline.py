@@ -43,15 +43,11 @@ from shared.storage import LocalStorage, StorageError
 from tests.conftest import ApiUser, make_user, release_job
 from tests.processes import FarmProcesses, farm_env, wait_for
 from worker.app import heartbeat_loop, worker_info
+from worker.busy import BusyMeter
+from worker.context import WorkerContext
+from worker.outcome import OUT_OF_MEMORY, RENDER_FAILED
 from worker.pipeline import KolorsRenderer, StepCallback, StopCheck
-from worker.service import (
-    OUT_OF_MEMORY,
-    RENDER_FAILED,
-    BusyMeter,
-    WorkerContext,
-    run_render_job,
-    start_render_job,
-)
+from worker.render import run_render_job, start_render_job
 
 # How long a gate waits for the event it expects before letting the worker go on anyway
 # (the test then fails on the order it recorded instead of hanging).
@@ -253,7 +249,7 @@ def test_the_task_returns_before_its_job_settles_and_the_next_job_renders_meanwh
     timeline: Timeline,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="worker.service")
+    caplog.set_level(logging.INFO, logger="worker")
     first = queue(context, alice, seed=1000, number_of_images=2)
     second = queue(context, alice, seed=2000)
     # The first job's images are stored only once the second job is rendering.
@@ -375,7 +371,7 @@ def test_a_lost_claim_on_the_post_thread_drops_the_rest_and_stops_the_render(
     timeline: Timeline,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="worker.service")
+    caplog.set_level(logging.WARNING, logger="worker")
     job_id = queue(context, alice, seed=600, number_of_images=4, steps=30)
     dropped = threading.Event()
 
@@ -385,7 +381,7 @@ def test_a_lost_claim_on_the_post_thread_drops_the_rest_and_stops_the_render(
                 dropped.set()
 
     handler = Dropped()
-    logging.getLogger("worker.service").addHandler(handler)
+    logging.getLogger("worker").addHandler(handler)
 
     def taken_over_while_storing(job: str, index: int) -> None:
         timeline.wait_for("render", "601")
@@ -401,7 +397,7 @@ def test_a_lost_claim_on_the_post_thread_drops_the_rest_and_stops_the_render(
     try:
         run_render_job(context, job_id)
     finally:
-        logging.getLogger("worker.service").removeHandler(handler)
+        logging.getLogger("worker").removeHandler(handler)
 
     assert watch.calls == [[600], [601]]
     assert timeline.kinds("interrupted") == ["601"]
@@ -483,7 +479,7 @@ def test_a_database_outage_while_recording_is_retried_without_failing_the_job(
     worker_engine = make_engine(database_url, **kwargs)
     _short_lock_waits(worker_engine, backend)
     context.sessions = make_session_factory(worker_engine)
-    caplog.set_level(logging.WARNING, logger="worker.service")
+    caplog.set_level(logging.WARNING, logger="worker")
     job_id = queue(context, alice, number_of_images=2)
     held = threading.Event()
 

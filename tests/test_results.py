@@ -44,8 +44,9 @@ from shared.redis_client import make_redis
 from shared.settings import Settings
 from shared.storage import LocalStorage, ObjectMissing, S3Storage, make_storage
 from tests.conftest import ApiUser, make_user, release_job, resources_for
+from worker.context import WorkerContext
 from worker.pipeline import KolorsRenderer
-from worker.service import WorkerContext, run_render_job
+from worker.render import run_render_job
 
 BUCKET = "results"
 

@@ -26,8 +26,9 @@ from shared.redis_client import make_redis
 from shared.settings import Settings
 from shared.storage import LocalStorage
 from tests.conftest import ApiUser, release_job
+from worker.context import WorkerContext
 from worker.pipeline import KolorsRenderer
-from worker.service import WorkerContext, run_render_job
+from worker.render import run_render_job
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from shared.logs import configure_logging
 from shared.resources import open_resources
 from shared.scheduling.fleet import forget_worker, record_heartbeat, reset_settling
 from shared.settings import Settings
-from worker.pipeline import KolorsRenderer
 from worker.context import WorkerContext
+from worker.pipeline import KolorsRenderer
 from worker.render import start_render_job
 
 log = logging.getLogger(__name__)
