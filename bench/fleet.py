@@ -1,7 +1,7 @@
 """Control-plane throughput: 1 to 64 simulated workers against one dispatcher and PostgreSQL.
 
 SIMULATED WORKERS. Each simulated worker runs the farm's real worker code
-(`worker.service.start_render_job`: claim with a lease, the lease keeper, step
+(`worker.render.start_render_job`: claim with a lease, the lease keeper, step
 progress, the post-processing thread that encodes, stores, records and settles,
 the end announcement and the dispatcher wake-up) and takes its messages from the
 real Redis broker queue the dispatcher publishes to, with the pipeline call
@@ -115,7 +115,8 @@ def sim_process(names: list[str], device_s: float, gaps_file: Path) -> None:
     from shared.resources import open_resources
     from shared.scheduling.fleet import forget_worker, record_heartbeat
     from shared.settings import Settings
-    from worker.service import WorkerContext, start_render_job
+    from worker.context import WorkerContext
+    from worker.render import start_render_job
 
     settings = Settings()
     resources = open_resources(settings)

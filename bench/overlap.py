@@ -5,7 +5,7 @@ torch thread count, and both encode and save every image:
 
 - bare: a plain loop, `KolorsPipeline(...)` then `image.save(path, format, quality)` for
   each image, one after the other (what a script on one machine would do);
-- farm: the worker's own code path, `worker.service.start_render_job` for each job back to
+- farm: the worker's own code path, `worker.render.start_render_job` for each job back to
   back (what the Celery task runs for each message), then `WorkerContext.close()` (the
   shutdown drain), on a real SQLite database, a private Redis and local disk. Each image is
   encoded with its generation record, written with fsync and rename, recorded and charged
@@ -66,8 +66,10 @@ from shared.redis_client import make_redis  # noqa: E402
 from shared.scheduling.fairshare import QueuedJob  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from shared.storage import LocalStorage  # noqa: E402
+from worker.busy import BusyMeter  # noqa: E402
+from worker.context import WorkerContext  # noqa: E402
 from worker.pipeline import KolorsRenderer  # noqa: E402
-from worker.service import BusyMeter, WorkerContext, start_render_job  # noqa: E402
+from worker.render import start_render_job  # noqa: E402
 from worker.tiny import build_tiny_checkpoint  # noqa: E402
 
 PIL_FORMATS = {"webp": "WEBP", "png": "PNG", "jpeg": "JPEG"}
