@@ -302,8 +302,10 @@ def test_a_job_costs_its_claim_and_one_transaction_per_image(
         run_render_job(context, job_id)
     finally:
         event.remove(engine, "commit", on_commit)
-    # The claim, then one per image; the last image's also ends the job.
-    assert transactions == ["MainThread", "post-process", "post-process", "post-process"]
+    # The claim, then one per image; the last image's also ends the job. (A lease renewal
+    # may fall in between on a slow machine: it is the lease keeper's, not the job's.)
+    job_transactions = [name for name in transactions if name != "lease"]
+    assert job_transactions == ["MainThread", "post-process", "post-process", "post-process"]
     job = load(context, job_id)
     assert job.state == "COMPLETED" and job.images_done == 3 and job.finished_at is not None
 
