@@ -25,7 +25,7 @@ import redis
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.jobs.events import Progress, queue_cancel_request, queue_job_ended, queue_job_state
+from shared.jobs.events import StepProgress, queue_cancel_request, queue_job_ended, queue_job_state
 from shared.metrics.counters import (
     ImageRecorded,
     MetricEvent,
@@ -55,7 +55,7 @@ class JobStarted:
 
     job_id: str
     tenant_id: int
-    progress: Progress
+    progress: StepProgress
     queue_wait_s: float | None = None
 
 

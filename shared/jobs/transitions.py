@@ -45,7 +45,7 @@ from shared.jobs.effects import (
     JobSubmitted,
     after_commit,
 )
-from shared.jobs.events import Progress
+from shared.jobs.events import StepProgress
 from shared.jobs.params import EXTENSIONS, MAX_SEED, RANDOM_SEED, KolorsParams, image_seed
 from shared.jobs.queries import expired_leases, get_job, past_deadline
 from shared.models import (
@@ -415,7 +415,7 @@ def claim_job(session: Session, job_id: str, worker: str, lease: timedelta) -> R
         delivered=delivered,
         deadline_at=row.deadline_at,
     )
-    progress = Progress(
+    progress = StepProgress(
         attempt=spec.attempt,
         step=0,
         steps=spec.params.steps,
