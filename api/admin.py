@@ -100,7 +100,9 @@ class PageQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     cursor: str | None = Field(
-        default=None, max_length=400, description="`next_cursor` of the previous page."
+        default=None,
+        max_length=400,
+        description="`next_cursor` of the previous page (empty: the first page).",
     )
     limit: int = Field(default=50, ge=1, le=100, description="Rows per page.")
 
@@ -171,7 +173,7 @@ def _encode_cursor(last_name: str) -> str:
 
 def _decode_cursor(cursor: str | None) -> str | None:
     """The name a cursor continues after; a 400 naming `cursor` for anything else."""
-    if cursor is None:
+    if not cursor:
         return None
     after = decode_cursor(cursor).get("after")
     if not isinstance(after, str):

@@ -104,7 +104,7 @@ def _summary(job: Job, user: str) -> RequestSummary:
 def list_requests() -> Response:
     """A page of the tenant's requests (any user's), newest first."""
     query = parse_query(RequestsQuery)
-    after = decode_history_cursor(query.cursor) if query.cursor is not None else None
+    after = decode_history_cursor(query.cursor) if query.cursor else None  # empty: page one
     with read_only(farm().sessions) as session:
         page = request_page(
             session, current_principal().tenant_id, query.status, query.limit, after
@@ -150,7 +150,7 @@ def usage() -> Response:
     """A page of the tenant's daily usage, as JSON or CSV."""
     query = parse_query(UsageQuery)
     first, last = usage_window(query.from_, query.to, utcnow().date())
-    after = decode_usage_cursor(query.cursor) if query.cursor is not None else None
+    after = decode_usage_cursor(query.cursor) if query.cursor else None  # empty: page one
     with read_only(farm().sessions) as session:
         page = usage_page(session, current_principal().tenant_id, first, last, query.limit, after)
     if request.accept_mimetypes.best_match(["application/json", "text/csv"]) == "text/csv":

@@ -128,7 +128,9 @@ class RequestsQuery(BaseModel):
         default=None, description="Only requests in this state (FAILED includes cancelled)."
     )
     limit: int = Field(default=20, ge=1, le=100, description="Requests per page.")
-    cursor: str | None = Field(default=None, description="`next_cursor` of the previous page.")
+    cursor: str | None = Field(
+        default=None, description="`next_cursor` of the previous page (empty: the first page)."
+    )
 
 
 class UsageQuery(BaseModel):
@@ -143,4 +145,6 @@ class UsageQuery(BaseModel):
     )
     to: date | None = Field(default=None, description="Last day, YYYY-MM-DD (default: today).")
     limit: int = Field(default=100, ge=1, le=1000, description="Rows per page.")
-    cursor: str | None = Field(default=None, description="`next_cursor` of the previous page.")
+    cursor: str | None = Field(
+        default=None, description="`next_cursor` of the previous page (empty: the first page)."
+    )
