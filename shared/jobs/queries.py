@@ -40,6 +40,9 @@ PUBLIC_STATUS: Final = {
 
 def get_job(session: Session, principal: Principal, job_id: str) -> Job:
     """A job of the caller's tenant; any other job is indistinguishable from a missing one."""
+    if "\x00" in job_id:
+        # No id holds a NUL; PostgreSQL would refuse the query rather than find nothing.
+        raise JobNotFound(job_id)
     job = session.execute(
         select(Job).where(Job.id == job_id, Job.tenant_id == principal.tenant_id)
     ).scalar_one_or_none()
