@@ -58,6 +58,7 @@ HUB_KEY: Final = "kolors_farm_event_hub"
 # send to start over: the same as "0-0", the whole log.
 EVENT_ID_PATTERN: Final = r"^(0|[0-9]{1,19}-[0-9]{1,19})$"
 FROM_THE_START: Final = "0-0"
+EVENT_ID_EXAMPLES: Final = ["0", "1733212345678-0"]
 LAST_EVENT_ID_HEADER: Final = "Last-Event-ID"
 # Events a stream may fall behind by before it stops queueing them and re-reads the log.
 SUBSCRIBER_BACKLOG: Final = 256
@@ -74,6 +75,7 @@ class EventsQuery(BaseModel):
     last_event_id: str | None = Field(
         default=None,
         pattern=EVENT_ID_PATTERN,
+        examples=EVENT_ID_EXAMPLES,
         description="Resume after this event, for clients that cannot send `Last-Event-ID` "
         "(`0` or `0-0`: the request's whole log).",
     )
@@ -103,7 +105,11 @@ LAST_EVENT_ID = HeaderParameter(
     LAST_EVENT_ID_HEADER,
     "Resume after this event id (what an SSE client sends when it reconnects; "
     "`0` or `0-0`: the request's whole log).",
-    lambda _settings: {"type": "string", "pattern": EVENT_ID_PATTERN},
+    lambda _settings: {
+        "type": "string",
+        "pattern": EVENT_ID_PATTERN,
+        "examples": EVENT_ID_EXAMPLES,
+    },
 )
 
 
