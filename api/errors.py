@@ -16,9 +16,9 @@ from shared.errors import FarmError, InvalidParams, ServiceUnavailable
 log = logging.getLogger(__name__)
 
 
-def problem(status: int, title: str, error: str, **extra: Any) -> Response:
-    """A problem+json response (`api.spec.Problem`): Segmind's `error` plus RFC 9457 fields."""
-    body = {
+def problem_document(status: int, title: str, error: str, **extra: Any) -> dict[str, Any]:
+    """The body of a problem (`api.spec.Problem`): Segmind's `error` plus RFC 9457 fields."""
+    return {
         "error": error,
         "type": "about:blank",
         "title": title,
@@ -26,7 +26,11 @@ def problem(status: int, title: str, error: str, **extra: Any) -> Response:
         "detail": error,
         **extra,
     }
-    response = jsonify(body)
+
+
+def problem(status: int, title: str, error: str, **extra: Any) -> Response:
+    """A problem+json response (`api.spec.Problem`): Segmind's `error` plus RFC 9457 fields."""
+    response = jsonify(problem_document(status, title, error, **extra))
     response.status_code = status
     response.content_type = PROBLEM_MEDIA_TYPE
     return response

@@ -20,6 +20,7 @@ from werkzeug.exceptions import NotFound
 from werkzeug.routing import Rule
 
 from api.context import farm
+from api.server import GUNICORN_DETAILS
 from api.spec import PROBLEM_MEDIA_TYPE, Operation, Problem, ResponseHeader, operation_of
 from api.views import external_url
 from shared.settings import Settings
@@ -32,7 +33,8 @@ IGNORED_METHODS: Final = {"HEAD", "OPTIONS"}
 SECURITY: Final[list[dict[str, list[str]]]] = [{"apiKey": []}, {"bearer": []}]
 
 ERROR_DESCRIPTIONS: Final = {
-    400: "Invalid parameters: `errors` names each field, query parameter or header and its rule",
+    400: "Invalid parameters: `errors` names each field, query parameter or header and its "
+    "rule (without `errors`: the request is not valid HTTP)",
     401: "Missing or invalid API key",
     403: "Forbidden (a tampered, re-targeted or expired link; a route for admins only)",
     404: "Unknown id (or another tenant's)",
@@ -40,11 +42,15 @@ ERROR_DESCRIPTIONS: Final = {
     409: "Conflict with the current state",
     410: "The request's results passed their retention and were deleted",
     413: "Request body too large",
+    414: GUNICORN_DETAILS[414],
     422: "The request FAILED (or was cancelled)",
     429: "Too many live requests for this user (see Retry-After)",
+    431: GUNICORN_DETAILS[431],
     503: "A backing service is unavailable (see Retry-After)",
     504: "The render did not finish within the synchronous wait; it goes on",
 }
+# What the HTTP server answers before any route runs, so every operation may answer it.
+SERVER_ERRORS: Final = {status: GUNICORN_DETAILS[status] for status in (400, 414, 431)}
 RETRY_AFTER: Final = ResponseHeader(
     "Seconds to wait before retrying.", {"type": "string", "pattern": "^[0-9]+$"}, required=True
 )
@@ -205,6 +211,14 @@ def _responses(spec: Operation, schemas: _Schemas) -> dict[str, Any]:
         if error_headers:
             problem["headers"] = {name: _header(value) for name, value in error_headers.items()}
         responses[str(status)] = problem
+    for status, description in SERVER_ERRORS.items():
+        responses.setdefault(
+            str(status),
+            {
+                "description": description,
+                "content": {PROBLEM_MEDIA_TYPE: {"schema": schemas.ref(Problem, "serialization")}},
+            },
+        )
     return responses
 
 
