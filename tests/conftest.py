@@ -1,4 +1,9 @@
-"""Fixtures on real parts: a private Redis server, SQLite files, a PostgreSQL database."""
+"""Fixtures on real parts: a private Redis server, SQLite files, a PostgreSQL database.
+
+Also the factories tests build on: Redis databases of their own (`redis_databases`),
+farms of real processes (`module_farms`, `farms`: tests/farms.py), the tiny checkpoint
+and its loaded renderer, users (`make_user`) and jobs (`make_job`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,12 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
-import redis
 import sqlalchemy
 from flask import Flask
 from flask.testing import FlaskClient
@@ -23,13 +29,19 @@ from api.app import create_app
 from control.launcher import RedisServer, start_scratch_redis
 from shared.accounts.users import Principal, create_user
 from shared.db import make_engine, make_session_factory, transaction
+from shared.jobs.params import KolorsParams
+from shared.jobs.transitions import submit_job
 from shared.migrate import migrate_database
-from shared.models import Job, Tenant, User
+from shared.models import Base, Job, Tenant, User
 from shared.redis_client import make_redis
 from shared.resources import Resources
 from shared.scheduling.fairshare import QueuedJob, ShareState
 from shared.settings import Settings
 from shared.storage import ResultStorage, make_storage
+from tests.farms import FarmFactory, RedisDatabases
+
+if TYPE_CHECKING:
+    from worker.pipeline import KolorsRenderer
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "KOLORS_FARM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -44,11 +56,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.process.wait(timeout=10)
 
 
+@pytest.fixture(scope="session")
+def redis_databases(redis_server: RedisServer) -> RedisDatabases:
+    """The scratch server's databases: every fixture and test that needs one takes one here."""
+    return RedisDatabases(redis_server.url)
+
+
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    return redis_server.url
+def redis_url(redis_databases: RedisDatabases) -> Iterator[str]:
+    """A Redis database of the test's own, empty."""
+    with redis_databases.database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -75,14 +93,16 @@ def postgres_database() -> Iterator[str]:
     admin.dispose()
 
 
-TABLES = ("ledger_entries", "job_images", "jobs", "api_keys", "users", "tenants")
+# Every table the models declare: a new table is emptied too, never forgotten.
+TABLES = tuple(table.name for table in Base.metadata.sorted_tables)
 
 
 def empty_database(url: str) -> str:
-    """Delete every row of a migrated database (faster than migrating a new one)."""
+    """Delete every row of a migrated PostgreSQL database (faster than migrating a new one)."""
     engine = make_engine(url)
+    names = ", ".join(f'"{name}"' for name in TABLES)
     with engine.begin() as connection:
-        connection.exec_driver_sql(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+        connection.exec_driver_sql(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
     engine.dispose()
     return url
 
@@ -145,13 +165,56 @@ class ApiUser:
 
 
 def make_user(
-    sessions: sessionmaker[Session], name: str, millicredits: int, tenant: str | None = None
+    sessions: sessionmaker[Session],
+    name: str,
+    millicredits: int,
+    tenant: str | None = None,
+    *,
+    admin: bool = False,
 ) -> ApiUser:
-    """Create a user the way the CLI does."""
+    """Create a user the way the CLI does (in a tenant named after it unless told otherwise)."""
     with transaction(sessions) as session:
-        user, key = create_user(session, name, tenant or name, millicredits)
+        user, key = create_user(session, name, tenant or name, millicredits, admin=admin)
         principal = Principal(user_id=user.id, tenant_id=user.tenant_id, user_name=user.name)
     return ApiUser(principal=principal, key=key)
+
+
+def make_job(
+    sessions: sessionmaker[Session],
+    user: ApiUser | Principal,
+    params: KolorsParams | None = None,
+    *,
+    price: Decimal = Decimal(1),
+    release: bool = False,
+    max_live_jobs: int | None = None,
+    deadline: timedelta | None = None,
+    retention: timedelta | None = None,
+    **fields: Any,
+) -> Job:
+    """Submit a job the way the API does (`submit_job`: queued, its price held); the new Job.
+
+    Its parameters are `params`, or `fields` (a prompt of "x" unless given); `price` is the
+    reference price (1024x1024, 25 steps). With `release`, it is also released in the same
+    transaction, as the dispatcher would, so that a worker may claim it.
+    """
+    if params is None:
+        params = KolorsParams.model_validate({"prompt": "x", **fields})
+    elif fields:
+        raise TypeError("give the job's params or its fields, not both")
+    principal = user.principal if isinstance(user, ApiUser) else user
+    with transaction(sessions) as session:
+        job = submit_job(
+            session,
+            principal,
+            params,
+            price,
+            max_live_jobs=max_live_jobs,
+            deadline=deadline,
+            retention=retention,
+        )
+        if release:
+            release_job(session, job.id)
+    return job
 
 
 @pytest.fixture
@@ -165,6 +228,42 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from worker.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def renderer(tiny_model_dir: Path) -> KolorsRenderer:
+    """The real KolorsPipeline on the tiny checkpoint, on the CPU, loaded once a session."""
+    from worker.pipeline import KolorsRenderer
+
+    return KolorsRenderer.load(Settings(model=str(tiny_model_dir)), "cpu")
+
+
+@pytest.fixture(scope="module")
+def module_farms(
+    redis_databases: RedisDatabases,
+    tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[FarmFactory]:
+    """Starts farms of real processes that run until the module's last test is done."""
+    factory = FarmFactory(redis_databases, tiny_model_dir, tmp_path_factory)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def farms(
+    redis_databases: RedisDatabases,
+    tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[FarmFactory]:
+    """Starts farms of real processes that run until the test is done."""
+    factory = FarmFactory(redis_databases, tiny_model_dir, tmp_path_factory)
+    try:
+        yield factory
+    finally:
+        factory.close()
 
 
 def have_redis_binary() -> bool:

@@ -12,8 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -73,10 +72,14 @@ class FarmProcesses:
         """A dispatcher process."""
         return self._start(name, ["-m", "control", "dispatcher"])
 
-    def start_api(self) -> str:
-        """The API under gunicorn; returns its URL once it answers."""
+    def start_webhook_worker(self, name: str = "webhooks") -> subprocess.Popen[bytes]:
+        """A webhook delivery worker process."""
+        return self._start(name, ["-m", "control", "webhooks", "worker"])
+
+    def start_api(self, args: Sequence[str] = ("--threads", "64")) -> str:
+        """The API under gunicorn (`args` to `python -m api`); returns its URL once it answers."""
         port = free_port()
-        self._start("api", ["-m", "api", "--port", str(port), "--threads", "64"])
+        self._start("api", ["-m", "api", "--port", str(port), *args])
         self.api_url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _answers(f"{self.api_url}/healthz"), 60, "the API to answer")
         return self.api_url
@@ -152,29 +155,6 @@ def farm_env(
     )
     env.update({f"KOLORS_FARM_{key.upper()}": value for key, value in settings.items()})
     return env
-
-
-@dataclass
-class RunningFarm:
-    """A farm started by `running_farm`: its API's URL and its processes."""
-
-    url: str
-    processes: FarmProcesses
-
-
-@contextmanager
-def running_farm(env: dict[str, str], data_dir: Path, worker: str) -> Iterator[RunningFarm]:
-    """Migrate, then run one worker, the dispatcher and the API until the block ends."""
-    processes = FarmProcesses(env=env, logs=data_dir / "logs")
-    processes.cli("migrate")
-    try:
-        processes.start_worker(worker)
-        processes.start_dispatcher()
-        url = processes.start_api()
-        processes.wait_for_workers({worker})
-        yield RunningFarm(url=url, processes=processes)
-    finally:
-        processes.stop_all()
 
 
 @dataclass

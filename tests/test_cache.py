@@ -28,7 +28,6 @@ from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
-from control.launcher import RedisServer
 from control.processes import free_port
 from shared.accounts.ledger import get_balance, held_for_job, ledger_balance
 from shared.accounts.pricing import price_per_image
@@ -49,15 +48,15 @@ from shared.jobs.transitions import (
     finish_job,
     image_storage_key,
     record_image,
-    submit_job,
 )
 from shared.models import Job, JobImage, JobState, LedgerEntry
 from shared.redis_client import make_redis
 from shared.scheduling.fleet import forget_worker, live_workers, record_heartbeat
 from shared.settings import Settings
 from shared.storage import LocalStorage, ObjectMissing, S3Storage, make_storage
-from tests.conftest import ApiUser, make_user, release_job, resources_for
-from tests.processes import RunningFarm, farm_env, running_farm, wait_for
+from tests.conftest import ApiUser, make_job, make_user, release_job, resources_for
+from tests.farms import FarmFactory, RunningFarm
+from tests.processes import wait_for
 
 FINGERPRINT = "f" * 64
 OTHER_FINGERPRINT = "e" * 64
@@ -284,8 +283,7 @@ def rendered(
 ) -> str:
     """A COMPLETED job whose images a worker stored and recorded with their cache keys."""
     params = KolorsParams.model_validate(fields or REQUEST)
-    with transaction(sessions) as session:
-        job = submit_job(session, user.principal, params, Decimal(1), retention=retention)
+    job = make_job(sessions, user, params, retention=retention)
     with transaction(sessions) as session:
         spec = claim_job(session, release_job(session, job.id), "w0", timedelta(minutes=1))
         assert spec is not None
@@ -638,17 +636,11 @@ def explain(session: Session, keys: list[str], tenant_id: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def farm(
-    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, tiny_model_dir: Path
-) -> Iterator[RunningFarm]:
+def farm(module_farms: FarmFactory) -> RunningFarm:
     # SQLite: the SQL rules run on both databases above; this checks that a real worker
     # publishes its fingerprint and keys its images, which no database changes, and one
     # farm is all the test budget allows.
-    data_dir = tmp_path_factory.mktemp("cache-farm")
-    make_redis(redis_server.url).flushall()
-    env = farm_env(data_dir, f"sqlite:///{data_dir / 'farm.db'}", redis_server.url, tiny_model_dir)
-    with running_farm(env, data_dir, "cache-worker") as running:
-        yield running
+    return module_farms.start("cache", workers=["cache-worker"])
 
 
 def test_a_real_farm_renders_once_then_answers_from_storage(farm: RunningFarm) -> None:

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
 from decimal import ROUND_CEILING, Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
-from control.launcher import RedisServer
-from tests.processes import RunningFarm, farm_env, running_farm, wait_for
+from tests.farms import FarmFactory, RunningFarm
+from tests.processes import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -50,19 +48,13 @@ PRICE = image_price(512, 512, STEPS)  # 0.25 * 50 / 25 = 0.5 credit an image
 
 
 @pytest.fixture(scope="module")
-def farm(
-    redis_server: RedisServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningFarm]:
-    data_dir = tmp_path_factory.mktemp("cancel-farm")
-    env = farm_env(
-        data_dir,
-        f"sqlite:///{data_dir / 'farm.db'}",
-        redis_server.url.replace("/0", "/5"),  # a Redis database of its own
-        tiny_model_dir,
-        progress_interval_s="0",  # every step is written, so the step it stopped at shows
+def farm(module_farms: FarmFactory) -> RunningFarm:
+    return module_farms.start(
+        "cancel",
+        workers=[WORKER],
+        # Every step is written, so the step it stopped at shows.
+        settings={"progress_interval_s": "0"},
     )
-    with running_farm(env, data_dir, WORKER) as farm:
-        yield farm
 
 
 def credits_of(farm: RunningFarm, key: str) -> Decimal:

@@ -15,7 +15,6 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,9 +23,9 @@ import pytest
 from PIL import Image
 
 from control.client import EXIT_API, EXIT_FAILED, EXIT_OK
-from control.launcher import RedisServer
 from control.processes import ChildSpec, free_port
-from tests.processes import REPO, RunningFarm, farm_env, running_farm, wait_for
+from tests.farms import FarmFactory, RunningFarm
+from tests.processes import REPO, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -34,18 +33,8 @@ WORKER = "client-cpu0"
 
 
 @pytest.fixture(scope="module")
-def farm(
-    redis_server: RedisServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningFarm]:
-    data_dir = tmp_path_factory.mktemp("client-farm")
-    env = farm_env(
-        data_dir,
-        f"sqlite:///{data_dir / 'farm.db'}",
-        redis_server.url.replace("/0", "/6"),  # a Redis database of its own
-        tiny_model_dir,
-    )
-    with running_farm(env, data_dir, WORKER) as farm:
-        yield farm
+def farm(module_farms: FarmFactory) -> RunningFarm:
+    return module_farms.start("client", workers=[WORKER])
 
 
 @pytest.fixture(scope="module")

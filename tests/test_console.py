@@ -24,9 +24,9 @@ import pytest
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
 from api.console import CONTENT_SECURITY_POLICY
-from control.launcher import RedisServer
 from shared.jobs.params import SCHEDULERS, KolorsParams
-from tests.processes import RunningFarm, farm_env, running_farm, wait_for
+from tests.farms import FarmFactory, RunningFarm
+from tests.processes import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -58,19 +58,13 @@ class Accounts:
 
 
 @pytest.fixture(scope="module")
-def farm(
-    redis_server: RedisServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningFarm]:
-    data_dir = tmp_path_factory.mktemp("console-farm")
-    env = farm_env(
-        data_dir,
-        f"sqlite:///{data_dir / 'farm.db'}",
-        redis_server.url.replace("/0", "/9"),  # a Redis database of its own
-        tiny_model_dir,
-        progress_interval_s="0",  # every step is reported, so the page shows steps moving
+def farm(module_farms: FarmFactory) -> RunningFarm:
+    return module_farms.start(
+        "console",
+        workers=[WORKER],
+        # Every step is reported, so the page shows steps moving.
+        settings={"progress_interval_s": "0"},
     )
-    with running_farm(env, data_dir, WORKER) as farm:
-        yield farm
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import pytest
 import segmind
 from PIL import Image
 
-from control.launcher import RedisServer
-from tests.processes import FarmProcesses, farm_env
+from tests.farms import FarmFactory
+from tests.processes import FarmProcesses
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
@@ -46,30 +45,14 @@ class Farm:
 
 
 @pytest.fixture(scope="module")
-def farm(
-    redis_server: RedisServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Farm]:
-    data_dir = tmp_path_factory.mktemp("farm")
-    env = farm_env(
-        data_dir,
-        f"sqlite:///{data_dir / 'farm.db'}",
-        redis_server.url.replace("/0", "/3"),
-        tiny_model_dir,
-        sync_timeout_s="120",
+def farm(module_farms: FarmFactory) -> Farm:
+    running = module_farms.start(
+        "e2e",
         # These tests count renders and charges of repeated requests; the result cache
         # would answer the repeats (tests/test_cache.py covers it).
-        cache="false",
+        settings={"sync_timeout_s": "120", "cache": "false"},
     )
-    processes = FarmProcesses(env=env, logs=data_dir / "logs")
-    processes.cli("migrate")
-    try:
-        processes.start_worker("e2e-cpu0")
-        processes.start_dispatcher()
-        url = processes.start_api()
-        processes.wait_for_workers({"e2e-cpu0"})
-        yield Farm(url=url, processes=processes)
-    finally:
-        processes.stop_all()
+    return Farm(url=running.url, processes=running.processes)
 
 
 def credits_of(farm: Farm, key: str) -> str:

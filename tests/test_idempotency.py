@@ -13,7 +13,6 @@ import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from decimal import ROUND_CEILING, Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +24,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.serving import make_server
 
 from control.dispatcher import Dispatcher
-from control.launcher import start_scratch_redis
 from shared.accounts.ledger import grant_credits
 from shared.celery_app import make_celery
 from shared.db import transaction
@@ -34,7 +32,8 @@ from shared.jobs.params import parse_params
 from shared.models import IdempotencyKey, Job, LedgerEntry, LedgerKind, utcnow
 from shared.settings import Settings
 from tests.conftest import ApiUser, make_user, resources_for
-from tests.processes import RunningFarm, farm_env, running_farm, wait_for
+from tests.farms import FarmFactory, RunningFarm
+from tests.processes import wait_for
 
 BODY: dict[str, Any] = {"prompt": "a red fox in snow", "width": 512, "height": 512, "steps": 4}
 # The same parameters as form data, in another order, with a default spelled out.
@@ -328,17 +327,8 @@ SYNC_BODY = {**BODY, "output_format": "png", "seed": 5}
 
 
 @pytest.fixture(scope="module")
-def farm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningFarm]:
-    data_dir = tmp_path_factory.mktemp("idempotency-farm")
-    # A Redis of its own: the other tests of this module flush the shared one.
-    redis_server = start_scratch_redis(data_dir / "redis")
-    env = farm_env(data_dir, f"sqlite:///{data_dir / 'farm.db'}", redis_server.url, tiny_model_dir)
-    try:
-        with running_farm(env, data_dir, "idempotency-cpu0") as running:
-            yield running
-    finally:
-        redis_server.process.terminate()
-        redis_server.process.wait(timeout=10)
+def farm(module_farms: FarmFactory) -> RunningFarm:
+    return module_farms.start("idempotency")
 
 
 @pytest.mark.e2e

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -34,12 +32,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.app import create_app
 from api.metrics import MULTIPROC_ENV, exposed_families, prepare_multiprocess_dir
 from control.dispatcher import Dispatcher
-from control.launcher import RedisServer
-from control.processes import ChildSpec, free_port
+from control.processes import free_port
 from shared.celery_app import make_celery
 from shared.db import transaction
 from shared.jobs.params import KolorsParams
-from shared.jobs.transitions import claim_job, submit_job
+from shared.jobs.transitions import claim_job
 from shared.metrics.counters import (
     QUEUE_WAIT_BUCKETS,
     ImageRecorded,
@@ -54,8 +51,9 @@ from shared.migrate import migrate_database
 from shared.models import Job, utcnow
 from shared.redis_client import make_redis
 from shared.settings import Settings
-from tests.conftest import ApiUser, release_job, resources_for
-from tests.processes import FarmProcesses, farm_env, wait_for
+from tests.conftest import ApiUser, make_job, release_job, resources_for
+from tests.farms import FarmFactory
+from tests.processes import FarmProcesses, wait_for
 
 QUICK = {"prompt": "a fox", "width": 512, "height": 512, "steps": 2}  # 0.02 credits an image
 
@@ -205,10 +203,8 @@ def test_dispatcher_counts_its_releases_and_the_jobs_its_recovery_ends(
     settings: Settings, sessions: sessionmaker[Session], alice: ApiUser, client: FlaskClient
 ) -> None:
     def submit() -> str:
-        with transaction(sessions) as session:
-            params = KolorsParams(prompt="a cat", width=512, height=512, steps=2)
-            job = submit_job(session, alice.principal, params, Decimal(1), deadline=timedelta(1))
-            return job.id
+        params = KolorsParams(prompt="a cat", width=512, height=512, steps=2)
+        return make_job(sessions, alice, params, deadline=timedelta(1)).id
 
     lost, late = submit(), submit()
     with transaction(sessions) as session:
@@ -316,45 +312,15 @@ def _api_children(pid: int) -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def farm(
-    redis_server: RedisServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Farm]:
-    data_dir = tmp_path_factory.mktemp("metrics-farm")
-    env = farm_env(
-        data_dir,
-        f"sqlite:///{data_dir / 'farm.db'}",
-        redis_server.url.replace("/0", "/8"),  # a Redis database of its own
-        tiny_model_dir,
-        dispatch_margin="0",  # no job is released ahead of a free worker: the rest wait
+def farm(module_farms: FarmFactory) -> Farm:
+    running = module_farms.start(
+        "metrics",
+        workers=[WORKER],
+        api_args=("--processes", "2"),
+        # No job is released ahead of a free worker: the rest wait.
+        settings={"dispatch_margin": "0"},
     )
-    make_redis(env["KOLORS_FARM_REDIS_URL"]).flushdb()
-    processes = FarmProcesses(env=env, logs=data_dir / "logs")
-    processes.cli("migrate")
-    try:
-        processes.start_worker(WORKER)
-        processes.start_dispatcher()
-        port = free_port()
-        processes.supervisor.start(
-            ChildSpec(
-                "api",
-                [sys.executable, "-m", "api", "--port", str(port), "--processes", "2"],
-                env,
-                log_path=data_dir / "logs" / "api.log",
-            )
-        )
-        url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _answers(f"{url}/healthz"), 60, "the API to answer")
-        processes.wait_for_workers({WORKER})
-        yield Farm(url=url, processes=processes)
-    finally:
-        processes.stop_all()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return Farm(url=running.url, processes=running.processes)
 
 
 def _submit(farm: Farm, key: str, **params: Any) -> str:

@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from control.launcher import RedisServer
-from tests.processes import RunningFarm, farm_env, running_farm, wait_for
+from tests.farms import FarmFactory, RunningFarm
+from tests.processes import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -94,20 +92,12 @@ def public(event: Event) -> tuple[str, str | None, Any]:
 
 
 @pytest.fixture(scope="module")
-def farm(
-    redis_server: RedisServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningFarm]:
-    data_dir = tmp_path_factory.mktemp("stream-farm")
-    env = farm_env(
-        data_dir,
-        f"sqlite:///{data_dir / 'farm.db'}",
-        redis_server.url.replace("/0", "/12"),  # a Redis database of its own
-        tiny_model_dir,
-        progress_interval_s="0",  # every step is an event
-        stream_heartbeat_s="2",
+def farm(module_farms: FarmFactory) -> RunningFarm:
+    return module_farms.start(
+        "stream",
+        workers=[WORKER],
+        settings={"progress_interval_s": "0", "stream_heartbeat_s": "2"},  # every step an event
     )
-    with running_farm(env, data_dir, WORKER) as farm:
-        yield farm
 
 
 @pytest.fixture(scope="module")

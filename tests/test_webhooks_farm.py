@@ -11,7 +11,6 @@ import json
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,8 +18,8 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from api.schemas import JobResult
-from control.launcher import RedisServer
-from tests.processes import FarmProcesses, farm_env, wait_for
+from tests.farms import FarmFactory
+from tests.processes import FarmProcesses, wait_for
 from tests.webhook_receiver import Receiver, running_receiver
 
 WEBHOOK_WORKER = "webhooks"
@@ -37,7 +36,7 @@ class Farm:
     key: str
 
     def start_webhook_worker(self) -> None:
-        self.processes._start(WEBHOOK_WORKER, ["-m", "control", "webhooks", "worker"])
+        self.processes.start_webhook_worker(WEBHOOK_WORKER)
 
     def submit(self, **fields: Any) -> str:
         answer = httpx.post(
@@ -74,37 +73,27 @@ class Farm:
 
 
 @pytest.fixture(scope="module")
-def farm(
-    redis_server: RedisServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Farm]:
-    data_dir = tmp_path_factory.mktemp("webhooks")
-    env = farm_env(
-        data_dir,
-        f"sqlite:///{data_dir / 'farm.db'}",
-        redis_server.url.replace("/0", "/9"),
-        tiny_model_dir,
-        warmup="false",
-        public_base_url=PUBLIC_BASE,
-        webhook_allow_nets="127.0.0.0/8",
-        webhook_backoff_s="0.5,1,2,4",
-        webhook_timeout_s="3",
-        webhook_lease_s="5",
-        webhook_sweep_interval_s="0.2",
-    )
-    processes = FarmProcesses(env=env, logs=data_dir / "logs")
-    processes.cli("migrate")
+def farm(module_farms: FarmFactory) -> Iterator[Farm]:
     with running_receiver() as receiver:
+        running = module_farms.start(
+            "hooks",
+            webhook_worker=True,
+            settings={
+                "warmup": "false",
+                "public_base_url": PUBLIC_BASE,
+                "webhook_allow_nets": "127.0.0.0/8",
+                "webhook_backoff_s": "0.5,1,2,4",
+                "webhook_timeout_s": "3",
+                "webhook_lease_s": "5",
+                "webhook_sweep_interval_s": "0.2",
+            },
+        )
         try:
-            processes.start_worker("hooks-cpu0")
-            processes.start_dispatcher()
-            processes._start(WEBHOOK_WORKER, ["-m", "control", "webhooks", "worker"])
-            url = processes.start_api()
-            key = processes.create_user("hooks", "1000")
-            processes.wait_for_workers({"hooks-cpu0"})
-            yield Farm(url=url, processes=processes, receiver=receiver, key=key)
+            key = running.processes.create_user("hooks", "1000")
+            yield Farm(url=running.url, processes=running.processes, receiver=receiver, key=key)
         finally:
             receiver.release.set()
-            processes.stop_all()
+            running.stop()  # before the receiver closes
 
 
 def _verified(farm: Farm, path: str, index: int = -1) -> dict[str, Any]:
