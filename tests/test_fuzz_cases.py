@@ -288,3 +288,16 @@ def test_gunicorn_answers_what_it_refuses_with_a_documented_problem(gunicorn_api
             for status in ("400", "414", "431"):
                 content = operation["responses"][status]["content"]
                 assert list(content) == [PROBLEM_MEDIA_TYPE], (method, path, status)
+
+
+def test_a_user_or_tenant_name_no_account_can_have_is_a_404_on_both_databases(
+    client: FlaskClient, sessions: sessionmaker[Session]
+) -> None:
+    with transaction(sessions) as session:
+        _, key = create_user(session, "root", "ops", 10_000, admin=True)
+    headers = {"x-api-key": key}
+    grant = client.post("/v1/admin/users/a%00b/credits", headers=headers, json={"credits": "1"})
+    secret = client.get("/v1/admin/tenants/a%00b/webhook-secret", headers=headers)
+    for answer in (grant, secret):
+        assert answer.status_code == 404, answer.get_data(as_text=True)
+        assert answer.mimetype == PROBLEM_MEDIA_TYPE

@@ -173,6 +173,9 @@ def _key_info(key: ApiKey, user_name: str) -> KeyInfo:
 
 def find_user(session: Session, name: str) -> User:
     """The user called `name`."""
+    if "\x00" in name:
+        # No name holds a NUL; PostgreSQL would refuse the query rather than find nothing.
+        raise NotFound(f"No user named {name!r}")
     user = session.execute(select(User).where(User.name == name)).scalar_one_or_none()
     if user is None:
         raise NotFound(f"No user named {name!r}")

@@ -34,6 +34,9 @@ def new_secret() -> str:
 
 
 def _tenant_id(session: Session, name: str) -> int:
+    if "\x00" in name:
+        # No name holds a NUL; PostgreSQL would refuse the query rather than find nothing.
+        raise NotFound(f"No tenant named {name!r}")
     tenant_id = session.execute(select(Tenant.id).where(Tenant.name == name)).scalar_one_or_none()
     if tenant_id is None:
         raise NotFound(f"No tenant named {name!r}")
