@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,8 @@ from shared.migrate import migrate_database
 from shared.models import TERMINAL_STATES, Job, JobImage, LedgerEntry, LedgerKind, User
 from shared.scheduling.fleet import DISPATCH_LOCK_KEY
 from tests.conftest import empty_database
-from tests.processes import FarmProcesses, farm_env, init_postgres_cluster, wait_for
+from tests.farms import FarmFactory, RunningFarm
+from tests.processes import init_postgres_cluster, wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -63,9 +64,10 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 class Farm:
     """A farm under test: its processes, its database, and audit helpers."""
 
-    def __init__(self, processes: FarmProcesses, database_url: str) -> None:
-        self.processes = processes
-        self.engine = make_engine(database_url)
+    def __init__(self, running: RunningFarm) -> None:
+        self.running = running
+        self.processes = running.processes
+        self.engine = make_engine(running.database_url)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
 
     def submit(
@@ -126,58 +128,45 @@ class Farm:
                 assert get_balance(session, user_id) == ledger_balance(session, user_id)
 
     def close(self) -> None:
-        self.processes.stop_all()
+        self.running.stop()
         self.engine.dispose()
 
 
-def make_farm(
-    tmp_path: Path,
-    database_url: str,
-    redis_url: str,
-    model_dir: Path,
-    *,
-    workers: int = 1,
-    api: bool = True,
-    **settings: str,
-) -> Farm:
-    logs = tmp_path / "logs"
-    logs.mkdir(exist_ok=True)
-    # Fault tests count renders, holds and broker messages of identical requests: the
-    # result cache would answer the repeats without any of them (tests/test_cache.py).
-    env = farm_env(
-        tmp_path / "data",
-        database_url,
-        redis_url,
-        model_dir,
-        **(FAST_RECOVERY | {"cache": "false"} | settings),
-    )
-    processes = FarmProcesses(env=env, logs=logs)
-    farm = Farm(processes, database_url)
-    names = {f"w{i}" for i in range(workers)}
-    for name in sorted(names):
-        processes.start_worker(name)
-    processes.start_dispatcher()
-    if api:
-        processes.start_api()
-    if names:
-        processes.wait_for_workers(names)
-    return farm
-
-
 @pytest.fixture
-def farms() -> Iterator[list[Farm]]:
-    """Farms a test starts; each is stopped at the end, and its logs shown on failure."""
+def start_farm(farms: FarmFactory) -> Iterator[Callable[..., Farm]]:
+    """Starts the test's farms; each is stopped when the test ends.
+
+    `start_farm(database_url, redis_url, workers=1, **settings)`: workers w0, w1, ..., the
+    dispatcher and the API on that migrated database and that Redis, FAST_RECOVERY and
+    `settings` (KOLORS_FARM_* overrides) set.
+    """
     started: list[Farm] = []
-    yield started
-    for farm in started:
-        farm.close()
+
+    def start(database_url: str, redis_url: str, *, workers: int = 1, **settings: str) -> Farm:
+        running = farms.start(
+            "faults",
+            workers=[f"w{index}" for index in range(workers)],
+            # Fault tests count renders, holds and broker messages of identical requests:
+            # the result cache would answer the repeats without any (tests/test_cache.py).
+            settings=FAST_RECOVERY | {"cache": "false"} | settings,
+            database_url=database_url,  # migrated already
+            redis_url=redis_url,
+            migrate=False,
+        )
+        started.append(Farm(running))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for farm in started:
+            farm.close()
 
 
 def test_killed_worker_mid_render_completes_exactly_once_on_another(
-    tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+    pg_url: str, own_redis: RedisServer, start_farm: Callable[..., Farm]
 ) -> None:
-    farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir)
-    farms.append(farm)
+    farm = start_farm(pg_url, own_redis.url)
     key = farm.processes.create_user("ann", "20")
     job_id = farm.submit(key, SLOW | {"number_of_images": 3})
     farm.wait_running(job_id)
@@ -200,14 +189,11 @@ def test_killed_worker_mid_render_completes_exactly_once_on_another(
 
 
 def test_render_longer_than_the_visibility_timeout_runs_once(
-    tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+    pg_url: str, own_redis: RedisServer, start_farm: Callable[..., Farm]
 ) -> None:
     # The broker redelivers the unacked message to the idle second worker after 2 s;
     # the SQL claim refuses it, so the job renders once and is charged once.
-    farm = make_farm(
-        tmp_path, pg_url, own_redis.url, tiny_model_dir, workers=2, visibility_timeout_s="2"
-    )
-    farms.append(farm)
+    farm = start_farm(pg_url, own_redis.url, workers=2, visibility_timeout_s="2")
     key = farm.processes.create_user("ann", "20")
     job_id = farm.submit(key, SLOW | {"number_of_images": 4})
     farm.wait_terminal([job_id], 180)
@@ -219,11 +205,10 @@ def test_render_longer_than_the_visibility_timeout_runs_once(
 
 
 def test_redis_restarted_empty_with_jobs_queued_loses_none(
-    tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+    tmp_path: Path, pg_url: str, own_redis: RedisServer, start_farm: Callable[..., Farm]
 ) -> None:
     # Margin 25: all 20 jobs sit in the broker when Redis dies without persistence.
-    farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir, dispatch_margin="25")
-    farms.append(farm)
+    farm = start_farm(pg_url, own_redis.url, dispatch_margin="25")
     key = farm.processes.create_user("ann", "20")
     job_ids = [farm.submit(key, QUICK | {"steps": 8}) for _ in range(20)]
     client = redis.Redis.from_url(own_redis.url)
@@ -244,10 +229,9 @@ def test_redis_restarted_empty_with_jobs_queued_loses_none(
 
 
 def test_paused_redis_then_resumed_workers_consume_again(
-    tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+    pg_url: str, own_redis: RedisServer, start_farm: Callable[..., Farm]
 ) -> None:
-    farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir)
-    farms.append(farm)
+    farm = start_farm(pg_url, own_redis.url)
     key = farm.processes.create_user("ann", "20")
     during = farm.submit(key, SLOW | {"number_of_images": 2})
     farm.wait_running(during)
@@ -263,7 +247,7 @@ def test_paused_redis_then_resumed_workers_consume_again(
 
 
 def test_postgres_stopped_during_a_render(
-    tmp_path: Path, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+    own_redis: RedisServer, start_farm: Callable[..., Farm]
 ) -> None:
     try:
         cluster = init_postgres_cluster(Path(tempfile.mkdtemp(prefix="kolors-farm-pg-")))
@@ -271,8 +255,7 @@ def test_postgres_stopped_during_a_render(
         pytest.skip(f"cannot run a PostgreSQL server of our own here: {exc}")
     try:
         migrate_database(cluster.url)
-        farm = make_farm(tmp_path, cluster.url, own_redis.url, tiny_model_dir)
-        farms.append(farm)
+        farm = start_farm(cluster.url, own_redis.url)
         key = farm.processes.create_user("ann", "20")
         job_id = farm.submit(key, SLOW | {"number_of_images": 3})
         farm.wait_running(job_id)
@@ -295,10 +278,9 @@ def test_postgres_stopped_during_a_render(
 
 
 def test_poison_job_fails_after_max_attempts_and_the_queue_drains(
-    tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+    pg_url: str, own_redis: RedisServer, start_farm: Callable[..., Farm]
 ) -> None:
-    farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir, max_attempts="2")
-    farms.append(farm)
+    farm = start_farm(pg_url, own_redis.url, max_attempts="2")
     key = farm.processes.create_user("ann", "20")
     poison = farm.submit(key, SLOW)
     for attempt in (1, 2):
@@ -326,10 +308,9 @@ def test_poison_job_fails_after_max_attempts_and_the_queue_drains(
 
 
 def test_a_thousand_concurrent_submissions_never_overdraw(
-    tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+    pg_url: str, own_redis: RedisServer, start_farm: Callable[..., Farm]
 ) -> None:
-    farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir, workers=2)
-    farms.append(farm)
+    farm = start_farm(pg_url, own_redis.url, workers=2)
     key = farm.processes.create_user("ann", "4")  # 400 quick jobs at 0.01 credits each
     url = f"{farm.processes.api_url}/v2/kolors"
 
@@ -360,10 +341,9 @@ def test_a_thousand_concurrent_submissions_never_overdraw(
 
 
 def test_a_single_job_is_not_starved_by_another_users_backlog(
-    tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+    pg_url: str, own_redis: RedisServer, start_farm: Callable[..., Farm]
 ) -> None:
-    farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir, dispatch_margin="1")
-    farms.append(farm)
+    farm = start_farm(pg_url, own_redis.url, dispatch_margin="1")
     heavy = farm.processes.create_user("heavy", "50")
     light = farm.processes.create_user("light", "5")
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -406,10 +386,9 @@ def test_a_single_job_is_not_starved_by_another_users_backlog(
 
 
 def test_a_standby_dispatcher_takes_over_when_the_active_one_dies(
-    tmp_path: Path, pg_url: str, own_redis: RedisServer, tiny_model_dir: Path, farms: list[Farm]
+    pg_url: str, own_redis: RedisServer, start_farm: Callable[..., Farm]
 ) -> None:
-    farm = make_farm(tmp_path, pg_url, own_redis.url, tiny_model_dir)
-    farms.append(farm)
+    farm = start_farm(pg_url, own_redis.url)
     farm.processes.start_dispatcher("standby")
     client = redis.Redis.from_url(own_redis.url)
 
