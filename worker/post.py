@@ -13,16 +13,19 @@ import contextlib
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, assert_never
+from typing import TYPE_CHECKING, Any, Final, TypeVar, assert_never
 
 import redis
 from PIL import Image
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from shared.errors import StaleAttempt
 from shared.jobs.cache import cache_key
+from shared.jobs.effects import Counted, after_commit
 from shared.jobs.imaging import encode_image
 from shared.jobs.transitions import (
     RenderSpec,
@@ -31,7 +34,7 @@ from shared.jobs.transitions import (
     image_storage_key,
     record_image,
 )
-from shared.metrics.counters import ImageRecorded, record
+from shared.metrics.counters import RenderTime
 from shared.models import JobState
 from shared.scheduling.fleet import record_render_speed
 from shared.scheduling.order import work_units
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from worker.context import WorkerContext
     from worker.run import JobRun
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 # Rendered images (and job ends) waiting for the post-processing thread. The render
@@ -172,11 +176,27 @@ def _end_job(context: WorkerContext, run: JobRun, end: RenderEnd) -> None:
         case Finish(stopped_because):
             state = with_db_retry(
                 context,
-                lambda session: finish_job(session, spec.job_id, spec.attempt, stopped_because),
+                _ending(
+                    run,
+                    lambda session: finish_job(session, spec.job_id, spec.attempt, stopped_because),
+                ),
             )
             run.settle(Ended(state))
         case _:
             assert_never(end)
+
+
+def _ending(run: JobRun, transition: Callable[[Session], T]) -> Callable[[Session], T]:
+    """`transition`, counting the attempt's render time with the job's end when it ends it."""
+
+    def ending(session: Session) -> T:
+        ended = transition(session)
+        if ended and run.render_s > 0:  # an end state, or True for a failure recorded
+            render_time = RenderTime(run.spec.tenant_id, run.render_s)
+            after_commit(session, Counted(render_time))
+        return ended
+
+    return ending
 
 
 def _ids(spec: RenderSpec) -> tuple[str, int]:
@@ -200,23 +220,24 @@ def _store_and_record(context: WorkerContext, item: RenderedImage) -> None:
     image_key = cache_key(params, seed, fingerprint) if fingerprint is not None else None
     state = with_db_retry(
         context,
-        partial(
-            record_image,
-            job_id=spec.job_id,
-            attempt=spec.attempt,
-            index=item.index,
-            seed=seed,
-            storage_key=key,
-            content_type=content_type,
-            size_bytes=len(data),
-            generation=item.record,
-            finish=item.finish is not None,
-            stopped_because=item.finish.stopped_because if item.finish is not None else None,
-            cache_key=image_key,
+        _ending(
+            run,
+            partial(
+                record_image,
+                job_id=spec.job_id,
+                attempt=spec.attempt,
+                index=item.index,
+                seed=seed,
+                storage_key=key,
+                content_type=content_type,
+                size_bytes=len(data),
+                generation=item.record,
+                finish=item.finish is not None,
+                stopped_because=item.finish.stopped_because if item.finish is not None else None,
+                cache_key=image_key,
+            ),
         ),
     )
-    if run.facts is not None:
-        record(context.redis, ImageRecorded(spec.tenant_id, run.facts.price_per_image))
     if state is not None:
         run.settle(Ended(state))
     else:
@@ -229,7 +250,9 @@ def _fail(context: WorkerContext, run: JobRun, error: str) -> None:
     try:
         failed = with_db_retry(
             context,
-            lambda session: fail_job(session, spec.job_id, error, attempt=spec.attempt),
+            _ending(
+                run, lambda session: fail_job(session, spec.job_id, error, attempt=spec.attempt)
+            ),
         )
     except (OperationalError, InterfaceError):
         log.exception("job %s: database unreachable; leaving the job to recovery", spec.job_id)

@@ -14,14 +14,10 @@ import logging
 import time
 from datetime import timedelta
 
-import redis
 import torch
 from sqlalchemy.orm import Session
 
-from shared.jobs.events import Progress, publish_job_state
 from shared.jobs.transitions import RenderSpec, claim_job
-from shared.metrics.counters import ClaimFacts, QueueWait, claim_facts, record
-from shared.models import JobState
 from worker.context import WorkerContext
 from worker.memory import MIB, MemoryModel, plan_chunks
 from worker.outcome import OUT_OF_MEMORY, RENDER_FAILED, Fail, Finish, LeftToRecovery, RenderEnd
@@ -43,18 +39,16 @@ def start_render_job(context: WorkerContext, job_id: str) -> JobRun | None:
     if claimed is None:
         log.info("job %s is not claimable (already taken, finished or cancelled); skipping", job_id)
         return None
-    spec, facts = claimed
+    spec = claimed
     log.info(
         "job %s attempt %d: rendering %d image(s)",
         job_id,
         spec.attempt,
         len(spec.pending_indices()),
     )
-    run = JobRun(context, spec, facts)
+    # Its start (the RUNNING event, its wait in the queue) went out with the claim's commit.
+    run = JobRun(context, spec)
     run.lease.start()
-    _announce_started(context, spec)
-    if spec.attempt == 1 and facts is not None:  # a job's first start: its wait in the queue
-        record(context.redis, QueueWait(spec.tenant_id, facts.queue_wait_s))
     end: RenderEnd | None
     context.current_job = job_id
     try:
@@ -139,26 +133,6 @@ def _stopped(run: JobRun) -> RenderEnd:
     return Finish(run.stop_reason())
 
 
-def _claim(
-    session: Session, job_id: str, worker: str, lease: timedelta
-) -> tuple[RenderSpec, ClaimFacts | None] | None:
-    """Claim a job, and read in the same transaction what its metrics need."""
-    spec = claim_job(session, job_id, worker, lease)
-    return None if spec is None else (spec, claim_facts(session, job_id))
-
-
-def _announce_started(context: WorkerContext, spec: RenderSpec) -> None:
-    """Tell the job's event streams it is PROCESSING (after the claim's commit)."""
-    progress = Progress(
-        attempt=spec.attempt,
-        step=0,
-        steps=spec.params.steps,
-        images_done=len(spec.delivered),
-        images=spec.params.number_of_images,
-        updated_at=time.time(),
-    )
-    try:
-        publish_job_state(context.redis, spec.job_id, JobState.RUNNING.value, progress)
-    except redis.RedisError as exc:
-        # Streams re-read the job's row now and then; the render goes on.
-        log.warning("job %s: start not announced (%s)", spec.job_id, type(exc).__name__)
+def _claim(session: Session, job_id: str, worker: str, lease: timedelta) -> RenderSpec | None:
+    """Claim a job for this worker."""
+    return claim_job(session, job_id, worker, lease)

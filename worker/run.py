@@ -1,9 +1,9 @@
 """One claimed attempt of a job, shared by the render and post-processing threads.
 
 `JobRun` owns the attempt's lease keeper and progress reporter, the flag that stops
-its render, and its end: `settle` happens once, with a `JobOutcome`. A job that
-`Ended` is then counted and announced (after the commit that ended it); one
-`LeftToRecovery` is not.
+its render, and its end: `settle` happens once, with a `JobOutcome`. The transition
+that ended a job announced and counted its end, with the attempt's render time,
+after its commit (`shared.jobs.effects`). One `LeftToRecovery` is neither.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from shared.jobs.events import announce_job_finished
 from shared.jobs.transitions import DEADLINE_ERROR, RenderSpec
-from shared.metrics.counters import ClaimFacts, MetricEvent, RenderTime, RequestFinished, record
 from shared.scheduling.fleet import count_settling, wake_dispatcher
 from worker.lease import LeaseKeeper
 from worker.outcome import Ended, JobOutcome, LeftToRecovery
@@ -32,12 +30,9 @@ log = logging.getLogger(__name__)
 class JobRun:
     """One claimed attempt of a job, shared by the render and post-processing threads."""
 
-    def __init__(
-        self, context: WorkerContext, spec: RenderSpec, facts: ClaimFacts | None = None
-    ) -> None:
+    def __init__(self, context: WorkerContext, spec: RenderSpec) -> None:
         self.spec = spec
         self._context = context
-        self.facts = facts  # for the metrics: unit price, submission and start times
         self.render_s = 0.0  # time in pipeline calls (render thread; read once it settled)
         self.lease = LeaseKeeper(context, spec)
         self.reporter = ProgressReporter(context, spec, self)
@@ -76,7 +71,7 @@ class JobRun:
             log.warning("job %s: render end not announced (%s)", self.spec.job_id, exc)
 
     def settle(self, outcome: JobOutcome) -> None:
-        """End the attempt: stop its render and lease; announce the job's end if it ended."""
+        """End the attempt: stop its render and lease; log how it ended."""
         with self._lock:
             if self._ending:
                 return
@@ -90,11 +85,6 @@ class JobRun:
         self.lease.stop()
         match outcome:
             case Ended(state):
-                # Counted before the announcement, so whoever it wakes sees the count.
-                _count_settled(self._context, self, state.value)
-                # Only a settled job is announced: a waiter woken early would report a
-                # false failure.
-                _announce_settled(self._context, self.spec.job_id, state.value)
                 log.info("job %s attempt %d: %s", self.spec.job_id, self.spec.attempt, state.value)
             case LeftToRecovery():
                 pass  # recovery requeues it; whoever ends it then announces it
@@ -103,21 +93,3 @@ class JobRun:
     def stop_reason(self) -> str | None:
         """Why the render stopped early, for the job's end: the deadline, or None."""
         return DEADLINE_ERROR if self.reporter.deadline_passed else None
-
-
-def _count_settled(context: WorkerContext, run: JobRun, state: str) -> None:
-    """Count a job's end and its attempt's render time (one Redis round trip)."""
-    events: list[MetricEvent] = [RequestFinished(run.spec.tenant_id, state)]
-    if run.render_s > 0:
-        events.append(RenderTime(run.spec.tenant_id, run.render_s))
-    record(context.redis, *events)
-
-
-def _announce_settled(context: WorkerContext, job_id: str, state: str) -> None:
-    """Wake the job's waiters, and the dispatcher: a job left the farm."""
-    try:
-        announce_job_finished(context.redis, job_id, state)
-        wake_dispatcher(context.redis)
-    except redis.RedisError as exc:
-        # Waiters fall back to reading the job row; nothing is lost.
-        log.warning("job %s: end not announced (%s)", job_id, type(exc).__name__)

@@ -14,14 +14,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Final, Literal, Protocol
 
 import redis
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from shared.models import Job
 
 log = logging.getLogger(__name__)
 
@@ -301,32 +296,6 @@ def record(client: redis.Redis, *events: MetricEvent) -> None:
     except redis.RedisError as exc:
         # These events are lost to the counters; the jobs themselves are safe in SQL.
         log.warning("metrics not recorded (%s)", type(exc).__name__)
-
-
-@dataclass(frozen=True)
-class ClaimFacts:
-    """What a worker counts about a job it claimed: when it was submitted and first started."""
-
-    created_at: datetime
-    started_at: datetime | None
-    price_per_image: int
-
-    @property
-    def queue_wait_s(self) -> float:
-        """Seconds from submission to the first start."""
-        if self.started_at is None:
-            return 0.0
-        return max(0.0, (self.started_at - self.created_at).total_seconds())
-
-
-def claim_facts(session: Session, job_id: str) -> ClaimFacts | None:
-    """A job's submission and first start times and unit price (one read by primary key)."""
-    row = session.execute(
-        select(Job.created_at, Job.started_at, Job.price_per_image).where(Job.id == job_id)
-    ).first()
-    if row is None:
-        return None
-    return ClaimFacts(row.created_at, row.started_at, row.price_per_image)
 
 
 # ---------------------------------------------------------------- reading at scrape time
