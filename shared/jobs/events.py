@@ -30,15 +30,8 @@ def progress_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:job:{job_id}:progress"
 
 
-def announce_job_finished(client: redis.Redis, job_id: str, state: str) -> None:
-    """Tell waiters (the synchronous route, event streams) that a job reached a terminal state."""
-    with client.pipeline(transaction=False) as pipe:
-        queue_job_ended(pipe, job_id, state)
-        pipe.execute()
-
-
 def queue_job_ended(pipe: Any, job_id: str, state: str) -> None:
-    """Queue on a pipeline the announcement of a job's end (see `announce_job_finished`)."""
+    """Queue on a pipeline the announcement that a job reached a terminal state (its waiters)."""
     pipe.publish(job_channel(job_id), state)
     _append_event(pipe, job_id, STATE_EVENT, {"state": state}, final=True)
 
@@ -109,19 +102,10 @@ def _append_event(
     pipe.eval(_APPEND_SCRIPT, 1, event_log_key(job_id), *args)
 
 
-def publish_job_state(
-    client: redis.Redis, job_id: str, state: str, progress: StepProgress | None = None
-) -> None:
-    """Log and publish a live job's new state: RUNNING, or QUEUED again (ends: announce)."""
-    with client.pipeline(transaction=False) as pipe:
-        queue_job_state(pipe, job_id, state, progress)
-        pipe.execute()
-
-
 def queue_job_state(
     pipe: Any, job_id: str, state: str, progress: StepProgress | None = None
 ) -> None:
-    """Queue on a pipeline the event of a live job's new state (see `publish_job_state`)."""
+    """Queue on a pipeline the event of a live job's new state: RUNNING, or QUEUED again."""
     data: dict[str, Any] = {"state": state}
     if progress is not None:
         data["progress"] = asdict(progress)
