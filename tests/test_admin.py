@@ -11,8 +11,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.accounts.users import create_user
-from shared.db import read_only, transaction
+from shared.db import read_only
 from shared.models import LedgerEntry, User
 from shared.scheduling.fleet import DISPATCH_LOCK_KEY, record_heartbeat, record_render_speed
 from shared.settings import Settings
@@ -29,9 +28,7 @@ ROUTES = (
 @pytest.fixture
 def root(sessions: sessionmaker[Session]) -> dict[str, str]:
     """An operator's headers."""
-    with transaction(sessions) as session:
-        _, key = create_user(session, "root", "ops", 0, admin=True)
-    return {"x-api-key": key}
+    return make_user(sessions, "root", 0, tenant="ops", admin=True).headers
 
 
 def ledger_entries(sessions: sessionmaker[Session]) -> int:

@@ -30,7 +30,6 @@ from shared.jobs.transitions import (
     recover_expired_leases,
     release_next_jobs,
     renew_lease,
-    submit_job,
     touch_release,
 )
 from shared.models import Job, JobState, LedgerEntry, LedgerKind, utcnow
@@ -39,7 +38,7 @@ from shared.scheduling.fleet import count_settling, record_heartbeat
 from shared.scheduling.order import Load, current_load
 from shared.scheduling.positions import queue_place
 from shared.settings import Settings
-from tests.conftest import ApiUser, make_user, release_job, resources_for
+from tests.conftest import ApiUser, make_job, make_user, release_job, resources_for
 
 ONE = Decimal("1")
 LEASE = timedelta(minutes=5)
@@ -61,16 +60,10 @@ def submit(
     steps: int = 25,
     deadline: timedelta = DAY,
 ) -> str:
-    with transaction(sessions) as session:
-        job = submit_job(
-            session,
-            user.principal,
-            params(images, steps),
-            ONE,
-            max_live_jobs=100,
-            deadline=deadline,
-        )
-        return job.id
+    job = make_job(
+        sessions, user, params(images, steps), price=ONE, max_live_jobs=100, deadline=deadline
+    )
+    return job.id
 
 
 def load_job(sessions: sessionmaker[Session], job_id: str) -> Job:
@@ -469,11 +462,10 @@ def test_too_many_live_jobs_leaves_nothing_behind(
 ) -> None:
     kept = []
     for _ in range(2):
-        with transaction(sessions) as session:
-            job = submit_job(session, alice.principal, params(), ONE, max_live_jobs=2, deadline=DAY)
-            kept.append(job.id)
-    with pytest.raises(TooManyJobs) as caught, transaction(sessions) as session:
-        submit_job(session, alice.principal, params(), ONE, max_live_jobs=2, deadline=DAY)
+        job = make_job(sessions, alice, params(), price=ONE, max_live_jobs=2, deadline=DAY)
+        kept.append(job.id)
+    with pytest.raises(TooManyJobs) as caught:
+        make_job(sessions, alice, params(), price=ONE, max_live_jobs=2, deadline=DAY)
     assert caught.value.retry_after_s == 10
     with transaction(sessions) as session:
         assert sorted(session.execute(select(Job.id)).scalars()) == sorted(kept)
@@ -486,8 +478,7 @@ def test_too_many_live_jobs_leaves_nothing_behind(
     # A finished (here: cancelled) job no longer counts: a third one is accepted.
     with transaction(sessions) as session:
         cancel_job(session, alice.principal, kept[0])
-    with transaction(sessions) as session:
-        submit_job(session, alice.principal, params(), ONE, max_live_jobs=2, deadline=DAY)
+    make_job(sessions, alice, params(), price=ONE, max_live_jobs=2, deadline=DAY)
 
 
 # ---------------------------------------------------------------- the Dispatcher on Redis

@@ -21,10 +21,9 @@ from shared.jobs.transitions import (
     fail_job,
     finish_job,
     record_image,
-    submit_job,
 )
 from shared.models import Job, JobState, LedgerEntry, LedgerKind, User
-from tests.conftest import ApiUser, make_user, release_job
+from tests.conftest import ApiUser, make_job, make_user, release_job
 
 ONE = Decimal("1")
 LEASE = timedelta(minutes=5)
@@ -67,16 +66,15 @@ def deliver(sessions: sessionmaker[Session], job_id: str, attempt: int, index: i
 
 
 def test_submit_holds_full_price(sessions: sessionmaker[Session], alice: ApiUser) -> None:
-    with transaction(sessions) as session:
-        job = submit_job(session, alice.principal, small(4), ONE)
+    job = make_job(sessions, alice, small(4), price=ONE)
     assert entries(sessions, job.id) == [(LedgerKind.HOLD.value, -1000, 1000)]
     assert assert_books_balance(sessions, alice) == 9000
 
 
 def test_not_enough_credits_leaves_no_job_and_no_entry(sessions: sessionmaker[Session]) -> None:
     poor = make_user(sessions, "poor", 200)
-    with pytest.raises(NotEnoughCredits), transaction(sessions) as session:
-        submit_job(session, poor.principal, small(), ONE)
+    with pytest.raises(NotEnoughCredits):
+        make_job(sessions, poor, small(), price=ONE)
     with transaction(sessions) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
         assert (
@@ -93,8 +91,7 @@ def test_not_enough_credits_leaves_no_job_and_no_entry(sessions: sessionmaker[Se
 def test_complete_captures_each_image_and_settles_once(
     sessions: sessionmaker[Session], alice: ApiUser
 ) -> None:
-    with transaction(sessions) as session:
-        job = submit_job(session, alice.principal, small(2), ONE)
+    job = make_job(sessions, alice, small(2), price=ONE)
     with transaction(sessions) as session:
         spec = claim_job(session, release_job(session, job.id), "w1", LEASE)
     assert spec is not None and spec.attempt == 1
@@ -115,8 +112,7 @@ def test_complete_captures_each_image_and_settles_once(
 def test_failure_after_one_image_charges_one_and_releases_the_rest(
     sessions: sessionmaker[Session], alice: ApiUser
 ) -> None:
-    with transaction(sessions) as session:
-        job = submit_job(session, alice.principal, small(3), ONE)
+    job = make_job(sessions, alice, small(3), price=ONE)
     with transaction(sessions) as session:
         assert claim_job(session, release_job(session, job.id), "w1", LEASE) is not None
     deliver(sessions, job.id, 1, 0)
@@ -132,8 +128,7 @@ def test_failure_after_one_image_charges_one_and_releases_the_rest(
 def test_a_job_is_claimed_once_and_stale_attempts_cannot_write(
     sessions: sessionmaker[Session], alice: ApiUser
 ) -> None:
-    with transaction(sessions) as session:
-        job = submit_job(session, alice.principal, small(), ONE)
+    job = make_job(sessions, alice, small(), price=ONE)
     with transaction(sessions) as session:
         assert claim_job(session, release_job(session, job.id), "w1", LEASE) is not None
     with transaction(sessions) as session:
@@ -147,8 +142,7 @@ def test_a_job_is_claimed_once_and_stale_attempts_cannot_write(
 def test_cancel_of_queued_job_releases_at_once_and_is_idempotent(
     sessions: sessionmaker[Session], alice: ApiUser
 ) -> None:
-    with transaction(sessions) as session:
-        job = submit_job(session, alice.principal, small(2), ONE)
+    job = make_job(sessions, alice, small(2), price=ONE)
     for _ in range(2):
         with transaction(sessions) as session:
             assert cancel_job(session, alice.principal, job.id).state == JobState.CANCELLED.value
@@ -161,8 +155,7 @@ def test_cancel_of_queued_job_releases_at_once_and_is_idempotent(
 def test_cancel_of_running_job_keeps_delivered_images(
     sessions: sessionmaker[Session], alice: ApiUser
 ) -> None:
-    with transaction(sessions) as session:
-        job = submit_job(session, alice.principal, small(4), ONE)
+    job = make_job(sessions, alice, small(4), price=ONE)
     with transaction(sessions) as session:
         claim_job(session, release_job(session, job.id), "w1", LEASE)
     deliver(sessions, job.id, 1, 0)
@@ -199,8 +192,7 @@ def test_concurrent_submissions_never_overdraw(sessions: sessionmaker[Session]) 
         barrier.wait()
         for _ in range(5):
             try:
-                with transaction(sessions) as session:
-                    job = submit_job(session, user.principal, small(), ONE)
+                job = make_job(sessions, user, small(), price=ONE)
                 with lock:
                     accepted.append(job.id)
             except NotEnoughCredits:

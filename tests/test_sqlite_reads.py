@@ -4,7 +4,6 @@ writer); on every database they write nothing."""
 from __future__ import annotations
 
 import threading
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from shared.db import make_engine, make_session_factory, read_only, transaction
-from shared.jobs.params import KolorsParams
-from shared.jobs.transitions import submit_job
 from shared.migrate import migrate_database
 from shared.models import Job, JobState
 from shared.settings import Settings
-from tests.conftest import make_user
+from tests.conftest import make_job, make_user
 
 
 @pytest.mark.parametrize(
@@ -33,8 +30,7 @@ def test_reads_complete_while_another_process_holds_the_write_lock(
     migrate_database(url)
     sessions = make_session_factory(make_engine(url))
     user = make_user(sessions, "reader", 10_000)
-    with transaction(sessions) as session:
-        job = submit_job(session, user.principal, KolorsParams(prompt="x"), Decimal(1)).id
+    job = make_job(sessions, user).id
     app = create_app(Settings(data_dir=tmp_path, database_url=url, redis_url=redis_url))
     client: FlaskClient = app.test_client()
 
@@ -64,8 +60,7 @@ def test_a_read_only_transaction_writes_nothing_and_keeps_its_objects_readable(
     sessions: sessionmaker[Session],
 ) -> None:
     user = make_user(sessions, "reader", 10_000)
-    with transaction(sessions) as session:
-        job_id = submit_job(session, user.principal, KolorsParams(prompt="x"), Decimal(1)).id
+    job_id = make_job(sessions, user).id
     with read_only(sessions) as session:
         job = session.get_one(Job, job_id)
         job.state = JobState.FAILED  # a change made by mistake inside a read

@@ -77,7 +77,7 @@ from shared.models import (
 )
 from shared.scheduling.fairshare import fair_order, pick_for_release
 from shared.scheduling.positions import queue_place
-from tests.conftest import empty_database, exact_queue, make_user, release_job
+from tests.conftest import empty_database, exact_queue, make_job, make_user, release_job
 
 REFERENCE_PRICE = Decimal("1")
 LEASE = timedelta(minutes=5)
@@ -685,8 +685,7 @@ def test_a_stale_worker_cannot_fail_its_requeued_job(sessions: sessionmaker[Sess
     """
     alice = make_user(sessions, "alice", 1_000)
     params = KolorsParams(prompt="x", width=512, height=512, steps=1)
-    with transaction(sessions) as session:
-        job_id = submit_job(session, alice.principal, params, REFERENCE_PRICE).id
+    job_id = make_job(sessions, alice, params, price=REFERENCE_PRICE).id
     with transaction(sessions) as session:
         spec = claim_job(session, release_job(session, job_id), "worker-a", LEASE)
     assert spec is not None

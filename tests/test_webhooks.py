@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import timedelta
-from decimal import Decimal
 
 import httpx
 import pytest
@@ -23,7 +22,7 @@ from api.app import create_app
 from control.deliveries import deliver
 from shared.db import read_only, transaction
 from shared.jobs.params import parse_params
-from shared.jobs.transitions import claim_job, fail_job, record_image, submit_job
+from shared.jobs.transitions import claim_job, fail_job, record_image
 from shared.models import (
     DisabledWebhook,
     Job,
@@ -43,7 +42,7 @@ from shared.webhooks.secrets import (
     tenant_secret_by_name,
 )
 from shared.webhooks.urls import Target, WebhookRefused, check_url_syntax, resolve_target
-from tests.conftest import ApiUser, make_user, release_job, resources_for
+from tests.conftest import ApiUser, make_job, make_user, release_job, resources_for
 from tests.test_history import plan
 from tests.webhook_receiver import Receiver, running_receiver
 
@@ -186,8 +185,7 @@ def _job(
         {"prompt": "a fox", "width": 512, "height": 512, "steps": 2}
         | ({"webhook": webhook, "webhook_events_filter": events} if webhook else {})
     )
-    with transaction(sessions) as session:
-        return submit_job(session, user.principal, params, Decimal("1")).id
+    return make_job(sessions, user, params).id
 
 
 def _deliveries(sessions: sessionmaker[Session], job_id: str) -> list[tuple[str, str]]:
