@@ -27,7 +27,6 @@ from PIL import Image
 from sqlalchemy import Engine, event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from control.launcher import RedisServer
 from shared.accounts.ledger import get_balance, ledger_balance
 from shared.celery_app import make_celery, publish_render
 from shared.db import make_engine, make_session_factory, transaction
@@ -118,11 +117,6 @@ class RenderWatch:
     calls: list[list[int]] = field(default_factory=list)
     before_call: Callable[[int, list[int]], object] | None = None  # (call number, seeds)
     at_step: Callable[[list[int], int], object] | None = None  # (seeds, step)
-
-
-@pytest.fixture(scope="module")
-def renderer(tiny_model_dir: Path) -> KolorsRenderer:
-    return KolorsRenderer.load(Settings(model=str(tiny_model_dir)), "cpu")
 
 
 @pytest.fixture
@@ -566,12 +560,10 @@ WORKER = "pipeline-cpu0"
 
 @pytest.mark.e2e
 def test_sigterm_lets_the_worker_finish_and_drain_before_it_exits(
-    redis_server: RedisServer, tiny_model_dir: Path, tmp_path: Path
+    redis_url: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     database_url = f"sqlite:///{tmp_path / 'farm.db'}"
     migrate_database(database_url)
-    redis_url = redis_server.url.replace("/0", "/6")  # a Redis database of its own
-    make_redis(redis_url).flushdb()
     env = farm_env(tmp_path / "var", database_url, redis_url, tiny_model_dir, warmup="false")
     processes = FarmProcesses(env=env, logs=tmp_path / "logs")
     engine = make_engine(database_url)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,10 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from control.launcher import RedisServer
 from shared.jobs.params import KolorsParams
-from shared.settings import Settings
-from tests.processes import RunningFarm, farm_env, running_farm, wait_for
+from tests.farms import FarmFactory, RunningFarm
+from tests.processes import wait_for
 from worker.pipeline import KolorsRenderer
 
 SEED = 4242
@@ -62,13 +60,14 @@ def assert_different_images(first: Pixels, second: Pixels, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def renderer(tiny_model_dir: Path) -> Iterator[KolorsRenderer]:
+def renderer(renderer: KolorsRenderer) -> Iterator[KolorsRenderer]:
+    """The session's renderer (conftest), on one thread while this module's tests run."""
     # One thread, as the farm's CPU workers run (OMP_NUM_THREADS=1): on a small, busy
     # machine several spinning intra-op threads make the tiny model many times slower.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield KolorsRenderer.load(Settings(model=str(tiny_model_dir)), "cpu")
+        yield renderer
     finally:
         torch.set_num_threads(threads)
 
@@ -118,20 +117,13 @@ WORKER = "batch-cpu0"
 
 
 @pytest.fixture(scope="module")
-def farm(
-    redis_server: RedisServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningFarm]:
-    data_dir = tmp_path_factory.mktemp("batch-farm")
-    env = farm_env(
-        data_dir,
-        f"sqlite:///{data_dir / 'farm.db'}",
-        redis_server.url.replace("/0", "/6"),  # a Redis database of its own
-        tiny_model_dir,
-        render_batch_size="3",
-        progress_interval_s="0",  # every step shows in the status
+def farm(module_farms: FarmFactory) -> RunningFarm:
+    return module_farms.start(
+        "batch",
+        workers=[WORKER],
+        # Every step shows in the status.
+        settings={"render_batch_size": "3", "progress_interval_s": "0"},
     )
-    with running_farm(env, data_dir, WORKER) as farm:
-        yield farm
 
 
 JOB = {

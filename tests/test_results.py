@@ -13,7 +13,6 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,7 @@ from shared.accounts.ledger import get_balance, ledger_balance
 from shared.db import transaction
 from shared.errors import ExpiredLink, InvalidLink
 from shared.jobs.imaging import read_generation_record
-from shared.jobs.params import KolorsParams
-from shared.jobs.transitions import claim_job, finish_job, record_image, submit_job
+from shared.jobs.transitions import claim_job, finish_job, record_image
 from shared.links import (
     KEY_FILE,
     ImageLink,
@@ -43,7 +41,8 @@ from shared.models import Job, JobImage
 from shared.redis_client import make_redis
 from shared.settings import Settings
 from shared.storage import LocalStorage, ObjectMissing, S3Storage, make_storage
-from tests.conftest import ApiUser, make_user, release_job, resources_for
+from tests.conftest import ApiUser, make_job, make_user, release_job, resources_for
+from tests.farms import FarmFactory
 from worker.context import WorkerContext
 from worker.pipeline import KolorsRenderer
 from worker.render import run_render_job
@@ -97,14 +96,7 @@ def delivered_job(
     retention: timedelta = timedelta(days=7),
 ) -> str:
     """A COMPLETED job with one stored image, made through the domain functions."""
-    with transaction(sessions) as session:
-        job = submit_job(
-            session,
-            user.principal,
-            KolorsParams(prompt="x", width=512, height=512),
-            Decimal(1),
-            retention=retention,
-        )
+    job = make_job(sessions, user, width=512, height=512, retention=retention)
     with transaction(sessions) as session:
         spec = claim_job(session, release_job(session, job.id), "w", timedelta(minutes=1))
         assert spec is not None
@@ -304,11 +296,6 @@ def test_s3_rejects_keys_that_escape_the_prefix(s3_env: str) -> None:
 # --- the render path: uploads, failures, metadata --------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def renderer(tiny_model_dir: Path) -> KolorsRenderer:
-    return KolorsRenderer.load(Settings(model=str(tiny_model_dir)), "cpu")
-
-
 def worker_context(
     settings: Settings, sessions: sessionmaker[Session], renderer: KolorsRenderer, storage: Any
 ) -> WorkerContext:
@@ -324,9 +311,7 @@ def worker_context(
 
 def render(context: WorkerContext, user: ApiUser, **params: Any) -> Job:
     fields = {"prompt": "a fox", "width": 512, "height": 512, "steps": 3, **params}
-    with transaction(context.sessions) as session:
-        job = submit_job(session, user.principal, KolorsParams.model_validate(fields), Decimal(1))
-        release_job(session, job.id)
+    job = make_job(context.sessions, user, release=True, **fields)
     run_render_job(context, job.id)
     with transaction(context.sessions) as session:
         done = session.get_one(Job, job.id)
@@ -437,49 +422,35 @@ def test_a_full_disk_fails_the_job_releases_credits_and_leaves_no_partial_file(
 
 @pytest.mark.e2e
 def test_the_farm_serves_results_from_s3_through_presigned_links(
-    s3_env: str, redis_url: str, tiny_model_dir: Path, tmp_path: Path
+    s3_env: str, farms: FarmFactory
 ) -> None:
-    from shared.migrate import migrate_database
-    from tests.processes import FarmProcesses, farm_env, wait_for
+    from tests.processes import wait_for
 
-    database_url = f"sqlite:///{tmp_path / 'farm.db'}"
-    migrate_database(database_url)
-    env = farm_env(
-        tmp_path / "data",
-        database_url,
-        redis_url,
-        tiny_model_dir,
-        storage_url=f"s3://{BUCKET}/e2e",
-        dispatch_interval_s="0.5",
+    running = farms.start(
+        "s3",
+        workers=["w0"],
+        settings={"storage_url": f"s3://{BUCKET}/e2e", "dispatch_interval_s": "0.5"},
     )
-    (tmp_path / "logs").mkdir()
-    farm = FarmProcesses(env=env, logs=tmp_path / "logs")
-    try:
-        farm.start_worker("w0")
-        farm.start_dispatcher()
-        api = farm.start_api()
-        farm.wait_for_workers({"w0"})
-        key = farm.create_user("ann", "10")
-        headers = {"x-api-key": key}
-        submitted = httpx.post(
-            f"{api}/v2/kolors",
-            json={"prompt": "a fox", "width": 512, "height": 512, "steps": 2},
-            headers=headers,
-        ).json()
-        status_url = submitted["status_url"]
-        wait_for(
-            lambda: httpx.get(status_url, headers=headers).json()["status"] == "COMPLETED",
-            60,
-            "the job to complete",
-        )
-        result = httpx.get(submitted["response_url"], headers=headers).json()
-        url = result["output"][0]
-        assert url.startswith(s3_env) and "X-Amz-Expires=" in url
-        image = httpx.get(url)
-        assert image.status_code == 200
-        assert read_generation_record(image.content) == result["outputs"][0]["generation"]
-    finally:
-        farm.stop_all()
+    farm, api = running.processes, running.url
+    key = farm.create_user("ann", "10")
+    headers = {"x-api-key": key}
+    submitted = httpx.post(
+        f"{api}/v2/kolors",
+        json={"prompt": "a fox", "width": 512, "height": 512, "steps": 2},
+        headers=headers,
+    ).json()
+    status_url = submitted["status_url"]
+    wait_for(
+        lambda: httpx.get(status_url, headers=headers).json()["status"] == "COMPLETED",
+        60,
+        "the job to complete",
+    )
+    result = httpx.get(submitted["response_url"], headers=headers).json()
+    url = result["output"][0]
+    assert url.startswith(s3_env) and "X-Amz-Expires=" in url
+    image = httpx.get(url)
+    assert image.status_code == 200
+    assert read_generation_record(image.content) == result["outputs"][0]["generation"]
 
 
 def test_a_failing_cleanup_does_not_stop_dispatching(
@@ -507,6 +478,4 @@ def test_a_failing_cleanup_does_not_stop_dispatching(
 
 
 def queue_job(sessions: sessionmaker[Session], user: ApiUser) -> str:
-    with transaction(sessions) as session:
-        job = submit_job(session, user.principal, KolorsParams(prompt="x"), Decimal(1))
-        return job.id
+    return make_job(sessions, user).id

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from shared.jobs.params import SCHEDULERS, KolorsParams
-from shared.settings import Settings
 from worker.pipeline import KolorsRenderer
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def renderer(tiny_model_dir: Path) -> KolorsRenderer:
-    return KolorsRenderer.load(Settings(model=str(tiny_model_dir)), "cpu")
 
 
 def run(

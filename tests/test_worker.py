@@ -31,11 +31,6 @@ from worker.pipeline import KolorsRenderer
 from worker.render import run_render_job
 
 
-@pytest.fixture(scope="module")
-def renderer(tiny_model_dir: Path) -> KolorsRenderer:
-    return KolorsRenderer.load(Settings(model=str(tiny_model_dir)), "cpu")
-
-
 @pytest.fixture
 def context(
     settings: Settings, sessions: sessionmaker[Session], renderer: KolorsRenderer, tmp_path: Path
