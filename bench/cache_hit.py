@@ -36,11 +36,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from control.launcher import start_scratch_redis  # noqa: E402
-from control.processes import ChildSpec, Supervisor, free_port  # noqa: E402
-from shared.accounts.users import create_user  # noqa: E402
-from shared.db import make_engine, make_session_factory, transaction  # noqa: E402
-from shared.migrate import migrate_database  # noqa: E402
+from bench.scratch import bench_user, farm_env, scratch_farm, scratch_redis  # noqa: E402
 
 POLL_S = 0.01
 
@@ -94,6 +90,47 @@ def sync_round(client: httpx.Client, body: dict[str, Any]) -> float:
     return time.perf_counter() - started
 
 
+def run_rounds(
+    base: str, key: str, args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Once a worker is warm, the alternating rounds; the request and the samples by route."""
+    client = httpx.Client(base_url=base, headers={"x-api-key": key}, timeout=300)
+
+    def ready() -> bool:
+        try:
+            readiness = httpx.get(f"{base}/readyz", timeout=2).json()
+        except (httpx.HTTPError, ValueError):
+            return False
+        return any(info.get("warm") for info in readiness.get("workers", {}).values())
+
+    wait_until(ready, 300, "a warm worker")
+    body = {
+        "prompt": "a lighthouse at dawn",
+        "width": args.size,
+        "height": args.size,
+        "steps": args.steps,
+        "output_format": "png",
+    }
+    samples: dict[str, list[float]] = {
+        "async_miss": [],
+        "async_hit": [],
+        "sync_miss": [],
+        "sync_hit": [],
+    }
+    async_round(client, body | {"seed": 10**9})  # warm the API and the worker
+    for number in range(args.rounds):
+        seed = 1000 + 2 * number
+        miss, cached = async_round(client, body | {"seed": seed})
+        assert not cached, "a fresh seed must render"
+        hit, cached = async_round(client, body | {"seed": seed})
+        assert cached, "the identical request must be answered from the cache"
+        samples["async_miss"].append(miss)
+        samples["async_hit"].append(hit)
+        samples["sync_miss"].append(sync_round(client, body | {"seed": seed + 1}))
+        samples["sync_hit"].append(sync_round(client, body | {"seed": seed + 1}))
+    return body, samples
+
+
 def main() -> None:
     """Run the farm, measure misses and hits, print a table, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -104,75 +141,23 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kf-cache-") as tmp:
         workdir = Path(tmp)
-        redis = start_scratch_redis(workdir / "redis")
         database_url = f"sqlite:///{workdir / 'farm.db'}"
-        migrate_database(database_url)
-        engine = make_engine(database_url)
-        with transaction(make_session_factory(engine)) as session:
-            _, key = create_user(session, "bench", "bench", 10**9)
-        engine.dispose()
-        port = free_port()
-        env = dict(
-            os.environ,
-            PYTHONPATH=str(REPO),
-            OMP_NUM_THREADS="1",
-            KOLORS_FARM_DATA_DIR=str(workdir / "var"),
-            KOLORS_FARM_DATABASE_URL=database_url,
-            KOLORS_FARM_REDIS_URL=redis.url,
-            KOLORS_FARM_MODEL="tiny",
-            KOLORS_FARM_DEVICE="cpu",
-            KOLORS_FARM_HEARTBEAT_INTERVAL_S="1",
-        )
-        supervisor = Supervisor(restart=False)
-        children = {
-            "worker": ["-m", "worker", "worker", "--name", "bench-worker"],
-            "dispatcher": ["-m", "control", "dispatcher"],
-            "api": ["-m", "api", "--port", str(port)],
-        }
-        for name, argv in children.items():
-            supervisor.start(
-                ChildSpec(name, [sys.executable, *argv], env, log_path=workdir / f"{name}.log")
+        key = bench_user(database_url)
+        with scratch_redis(workdir / "redis") as redis:
+            env = farm_env(
+                workdir / "var",
+                database_url,
+                redis.url,
+                model="tiny",
+                device="cpu",
+                heartbeat_interval_s="1",
             )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            client = httpx.Client(base_url=base, headers={"x-api-key": key}, timeout=300)
-
-            def ready() -> bool:
-                try:
-                    readiness = httpx.get(f"{base}/readyz", timeout=2).json()
-                except (httpx.HTTPError, ValueError):
-                    return False
-                return any(info.get("warm") for info in readiness.get("workers", {}).values())
-
-            wait_until(ready, 300, "a warm worker")
-            body = {
-                "prompt": "a lighthouse at dawn",
-                "width": args.size,
-                "height": args.size,
-                "steps": args.steps,
-                "output_format": "png",
-            }
-            samples: dict[str, list[float]] = {
-                "async_miss": [],
-                "async_hit": [],
-                "sync_miss": [],
-                "sync_hit": [],
-            }
-            async_round(client, body | {"seed": 10**9})  # warm the API and the worker
-            for number in range(args.rounds):
-                seed = 1000 + 2 * number
-                miss, cached = async_round(client, body | {"seed": seed})
-                assert not cached, "a fresh seed must render"
-                hit, cached = async_round(client, body | {"seed": seed})
-                assert cached, "the identical request must be answered from the cache"
-                samples["async_miss"].append(miss)
-                samples["async_hit"].append(hit)
-                samples["sync_miss"].append(sync_round(client, body | {"seed": seed + 1}))
-                samples["sync_hit"].append(sync_round(client, body | {"seed": seed + 1}))
-        finally:
-            supervisor.stop(grace_s=10)
-            redis.process.terminate()
-            redis.process.wait()
+            env["OMP_NUM_THREADS"] = "1"
+            with scratch_farm(env, workdir) as farm:
+                farm.start("worker", "-m", "worker", "worker", "--name", "bench-worker")
+                farm.start("dispatcher", "-m", "control", "dispatcher")
+                base, _ = farm.start_api()
+                body, samples = run_rounds(base, key, args)
     figures = {name: summary(values) for name, values in samples.items()}
     result = {
         "machine": {

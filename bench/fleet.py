@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.queue_depth import tenant_rows  # noqa: E402
-from control.launcher import start_scratch_redis  # noqa: E402
+from bench.scratch import farm_env, scratch_farm, scratch_redis  # noqa: E402
 from control.processes import ChildSpec, Supervisor  # noqa: E402
 from shared.jobs.params import KolorsParams  # noqa: E402
 from shared.migrate import migrate_database  # noqa: E402
@@ -366,56 +366,37 @@ def main() -> None:
         connection.exec_driver_sql(f'CREATE DATABASE "{database}"')
     url = sa.make_url(POSTGRES_ADMIN_URL).set(database=database).render_as_string(False)
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="kf-fleet-") as tmp:
+
+    def drop_database() -> None:
+        with contextlib.suppress(Exception), admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+    with tempfile.TemporaryDirectory(prefix="kf-fleet-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
-        scratch = start_scratch_redis(workdir / "redis")
-        redis_proc = scratch.process
-        env = dict(
-            os.environ,
-            PYTHONPATH=str(REPO),
-            KOLORS_FARM_DATA_DIR=str(workdir),
-            KOLORS_FARM_DATABASE_URL=url,
-            KOLORS_FARM_REDIS_URL=scratch.url,
-            KOLORS_FARM_LEASE_S="60",
-            KOLORS_FARM_PROGRESS_INTERVAL_S="0.5",
-        )
-        dispatcher = Supervisor(restart=False)
-        try:
-            migrate_database(url)
-            capacity = sum(int(s / args.device_s * (args.seconds + 20)) for s in sizes)
-            fill_queue(url, capacity + 1000)
-            dispatcher.start(
-                ChildSpec(
-                    "dispatcher",
-                    [sys.executable, "-m", "control", "dispatcher"],
-                    env,
-                    log_path=workdir / "dispatcher.log",
-                )
+        stack.callback(drop_database)  # last, once the dispatcher and Redis have stopped
+        scratch = stack.enter_context(scratch_redis(workdir / "redis"))
+        env = farm_env(workdir, url, scratch.url, lease_s="60", progress_interval_s="0.5")
+        migrate_database(url)
+        capacity = sum(int(s / args.device_s * (args.seconds + 20)) for s in sizes)
+        fill_queue(url, capacity + 1000)
+        dispatcher = stack.enter_context(scratch_farm(env, workdir))
+        dispatcher.start("dispatcher", "-m", "control", "dispatcher")
+        print(f"simulated workers, device time {args.device_s} s per job (a sleep)")
+        print(f"{'workers':>7} {'jobs/s':>8} {'ideal':>8} {'eff':>6} {'disp p50':>8} {'p95':>8}")
+        for size in sizes:
+            row = measure(env, url, size, args.device_s, args.seconds, workdir)
+            # Linear scaling: each worker as fast as the smallest fleet's workers.
+            per_worker = rows[0]["jobs_per_s"] / rows[0]["workers"] if rows else 0
+            row["linearity"] = round(
+                row["jobs_per_s"] / (size * per_worker) if per_worker else 1.0, 3
             )
-            print(f"simulated workers, device time {args.device_s} s per job (a sleep)")
+            rows.append(row)
             print(
-                f"{'workers':>7} {'jobs/s':>8} {'ideal':>8} {'eff':>6} {'disp p50':>8} {'p95':>8}"
+                f"{row['workers']:>7} {row['jobs_per_s']:>8.1f} {row['ideal_jobs_per_s']:>8.1f}"
+                f" {row['efficiency']:>6.2f} {row['linearity']:>6.2f}"
+                f" {row['dispatch_p50_ms']:>8.1f} {row['dispatch_p95_ms']:>8.1f}",
+                flush=True,
             )
-            for size in sizes:
-                row = measure(env, url, size, args.device_s, args.seconds, workdir)
-                # Linear scaling: each worker as fast as the smallest fleet's workers.
-                per_worker = rows[0]["jobs_per_s"] / rows[0]["workers"] if rows else 0
-                row["linearity"] = round(
-                    row["jobs_per_s"] / (size * per_worker) if per_worker else 1.0, 3
-                )
-                rows.append(row)
-                print(
-                    f"{row['workers']:>7} {row['jobs_per_s']:>8.1f} {row['ideal_jobs_per_s']:>8.1f}"
-                    f" {row['efficiency']:>6.2f} {row['linearity']:>6.2f}"
-                    f" {row['dispatch_p50_ms']:>8.1f} {row['dispatch_p95_ms']:>8.1f}",
-                    flush=True,
-                )
-        finally:
-            dispatcher.stop()
-            redis_proc.terminate()
-            redis_proc.wait()
-            with contextlib.suppress(Exception), admin.connect() as connection:
-                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     knee = next((row["workers"] for row in rows if row["linearity"] < 0.95), None)
     result = {
         "simulated": "workers are threads running the real worker code with a sleep for the "

@@ -51,8 +51,7 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from control.launcher import start_scratch_redis  # noqa: E402
-from control.processes import ChildSpec, Supervisor, free_port  # noqa: E402
+from bench.scratch import farm_env, scratch_farm, scratch_redis  # noqa: E402
 from shared.accounts.users import create_api_key  # noqa: E402
 from shared.db import make_engine, make_session_factory, read_only, transaction  # noqa: E402
 from shared.jobs.params import KolorsParams  # noqa: E402
@@ -331,35 +330,8 @@ def poll_throughput(url: str, key: str, clients: int, seconds: float) -> float:
 def http_costs(
     db_url: str, redis_url: str, data_dir: Path, queue: Queue, quick: bool
 ) -> dict[str, float]:
-    port = free_port()
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        KOLORS_FARM_DATA_DIR=str(data_dir),
-        KOLORS_FARM_DATABASE_URL=db_url,
-        KOLORS_FARM_REDIS_URL=redis_url,
-    )
-    supervisor = Supervisor(restart=False)
-    supervisor.start(
-        ChildSpec(
-            "api",
-            [sys.executable, "-m", "api", "--port", str(port), "--threads", "8"],
-            env,
-            log_path=data_dir / "api.log",
-        )
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError((data_dir / "api.log").read_text()[-3000:])
-            time.sleep(0.2)
+    with scratch_farm(farm_env(data_dir, db_url, redis_url), data_dir) as farm:
+        base, _ = farm.start_api("--threads", "8")
         queued_url = f"{base}/v2/requests/{queue.polled_job}/status"
         finished_url = f"{base}/v2/requests/{queue.finished_job}/status"
         body = httpx.get(queued_url, headers={"x-api-key": queue.key}).json()
@@ -379,8 +351,6 @@ def http_costs(
             "rps_ratio": queued / finished,
             "queue_position": body["queue_position"],
         }
-    finally:
-        supervisor.stop(grace_s=10)
 
 
 def gather_statistics(url: str) -> None:
@@ -431,9 +401,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kf-bench-") as tmp:
         workdir = Path(tmp)
-        scratch = start_scratch_redis(workdir / "redis")
-        redis_proc, redis_url = scratch.process, scratch.url
-        try:
+        with scratch_redis(workdir / "redis") as scratch:
+            redis_url = scratch.url
             for kind in args.databases.split(","):
                 for mix in args.mixes.split(","):
                     for depth in depths:
@@ -454,9 +423,6 @@ def main() -> None:
                             print_row(row, header=len(rows) == 1)
                         finally:
                             drop()
-        finally:
-            redis_proc.terminate()
-            redis_proc.wait()
     growth = growth_table(rows, depths)
     result = {
         "machine": {

@@ -34,11 +34,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from control.launcher import start_scratch_redis  # noqa: E402
-from control.processes import ChildSpec, Supervisor, free_port  # noqa: E402
-from shared.accounts.users import create_user  # noqa: E402
-from shared.db import make_engine, make_session_factory, transaction  # noqa: E402
-from shared.migrate import migrate_database  # noqa: E402
+from bench.scratch import bench_user, farm_env, scratch_farm, scratch_redis  # noqa: E402
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -130,41 +126,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kf-sse-") as tmp:
         workdir = Path(tmp)
-        redis = start_scratch_redis(workdir / "redis")
         database_url = f"sqlite:///{workdir / 'farm.db'}"
-        migrate_database(database_url)
-        engine = make_engine(database_url)
-        with transaction(make_session_factory(engine)) as session:
-            _, key = create_user(session, "bench", "bench", 10**9)
-        engine.dispose()
-        port = free_port()
-        env = dict(
-            os.environ,
-            PYTHONPATH=str(REPO),
-            KOLORS_FARM_DATA_DIR=str(workdir / "var"),
-            KOLORS_FARM_DATABASE_URL=database_url,
-            KOLORS_FARM_REDIS_URL=redis.url,
-        )
-        supervisor = Supervisor(restart=False)
-        child = supervisor.start(
-            ChildSpec(
-                "api", [sys.executable, "-m", "api", "--port", str(port)], env,
-                log_path=workdir / "api.log",
-            )
-        )  # fmt: skip
-        base = f"http://127.0.0.1:{port}"
+        key = bench_user(database_url)
         headers = {"x-api-key": key}
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError((workdir / "api.log").read_text()[-3000:])
-                time.sleep(0.2)
+        with (
+            scratch_redis(workdir / "redis") as redis,
+            scratch_farm(farm_env(workdir / "var", database_url, redis.url), workdir) as farm,
+        ):
+            base, api_pid = farm.start_api()
             # Two queued requests: the streams follow the first, the polls read the second.
             job_id, polled_id = (
                 httpx.post(
@@ -175,8 +144,7 @@ def main() -> None:
                 for _ in range(2)
             )
             status_url = f"{base}/v2/requests/{polled_id}/status"
-            assert child.proc is not None
-            worker = gunicorn_worker(child.proc.pid)
+            worker = gunicorn_worker(api_pid)
 
             def measure() -> dict[str, Any]:
                 return {
@@ -195,10 +163,6 @@ def main() -> None:
             events_url = f"{base}/v2/requests/{job_id}/events"
             busy = asyncio.run(hold_streams(events_url, headers, args.streams, measure_then_cancel))
             after = measure()  # the same route again once they closed: the run's noise
-        finally:
-            supervisor.stop(grace_s=10)
-            redis.process.terminate()
-            redis.process.wait()
     result = {
         "machine": {
             "platform": platform.platform(),
