@@ -79,6 +79,8 @@ class SimulatedRenderer:
         self.device = "sim"
         self.model_id = "simulated"
         self.warm = True
+        # Simulated pixels are never a cache hit: no fingerprint, so no cache keys.
+        self.render_fingerprint: str | None = None
         self._image = Image.new("RGB", (64, 64), (200, 80, 40))
         # When the worker last finished a render and went back for a message, and the
         # waits from then to the next render's start (the control plane's share).
