@@ -7,7 +7,7 @@ generated from it, so the three can never disagree.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
@@ -19,21 +19,6 @@ MAX_SEED: Final = 2**32 - 1
 RANDOM_SEED: Final = -1
 
 # Every scheduler here is exercised on the real KolorsPipeline by tests/test_schedulers.py.
-SCHEDULERS: Final = (
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
-    "DPMSolverSinglestepScheduler",
-    "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler",
-    "HeunDiscreteScheduler",
-    "LMSDiscreteScheduler",
-    "DDIMScheduler",
-    "DDPMScheduler",
-    "PNDMScheduler",
-    "UniPCMultistepScheduler",
-    "DEISMultistepScheduler",
-)
 SchedulerName = Literal[
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
@@ -49,6 +34,7 @@ SchedulerName = Literal[
     "UniPCMultistepScheduler",
     "DEISMultistepScheduler",
 ]
+SCHEDULERS: Final = get_args(SchedulerName)
 
 OUTPUT_FORMATS: Final = ("webp", "jpeg", "png")
 CONTENT_TYPES: Final = {"webp": "image/webp", "jpeg": "image/jpeg", "png": "image/png"}
