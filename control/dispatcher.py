@@ -34,6 +34,7 @@ from shared.jobs.queries import expired_results, stale_releases
 from shared.jobs.transitions import (
     enforce_deadlines,
     mark_results_deleted,
+    reclaim_claims_of,
     recover_expired_leases,
     release_jobs,
     touch_release,
@@ -42,7 +43,13 @@ from shared.jobs.transitions import (
 from shared.metrics.counters import Dispatched, record
 from shared.models import JobState, utcnow
 from shared.resources import Resources, open_resources
-from shared.scheduling.fleet import DISPATCH_LOCK_KEY, live_workers, settling_jobs, wait_for_wake
+from shared.scheduling.fleet import (
+    DISPATCH_LOCK_KEY,
+    lapsed_workers,
+    live_workers,
+    settling_jobs,
+    wait_for_wake,
+)
 from shared.scheduling.order import current_load, next_in_fair_order
 from shared.settings import Settings
 
@@ -111,6 +118,12 @@ class Dispatcher:
         with transaction(self.sessions) as session:
             deadlines = enforce_deadlines(session)
             leases = recover_expired_leases(session, self.settings.max_attempts)
+        # A worker whose heartbeat lapsed (crashed, or cut off) gives its jobs back now,
+        # not when their leases run out; the attempt fence stops it if it was only late.
+        lapsed = lapsed_workers(self.redis)
+        if lapsed:
+            with transaction(self.sessions) as session:
+                leases += reclaim_claims_of(session, lapsed, self.settings.max_attempts)
         # Their cancel flags, requeue events and end announcements went out with the commit.
         report.expired = deadlines.cancelled
         for outcome in leases:

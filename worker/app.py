@@ -10,11 +10,14 @@ import threading
 from typing import Any
 
 from celery import Celery
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.celery_app import RENDER_QUEUE, RENDER_TASK, make_celery
+from shared.db import transaction
 from shared.jobs.cache import FINGERPRINT_FIELD
+from shared.jobs.transitions import reclaim_claims_of
 from shared.logs import configure_logging
-from shared.resources import open_resources
+from shared.resources import Resources, open_resources
 from shared.scheduling.fleet import forget_worker, record_heartbeat, reset_settling
 from shared.settings import Settings
 from worker.context import WorkerContext
@@ -70,10 +73,34 @@ def heartbeat_loop(context: WorkerContext, stop: threading.Event) -> None:
         stop.wait(interval)
 
 
+def reclaim_previous_claims(resources: Resources, name: str) -> None:
+    """Give back the jobs this worker's previous life held (it was killed), before loading.
+
+    A worker's name is its device and host, so a restarted worker is the same one: what
+    it held, nobody renders. Waiting out their leases would leave a device idle and a
+    user waiting; a database that is away leaves them to the leases instead.
+    """
+    try:
+        with transaction(resources.sessions) as session:
+            outcomes = reclaim_claims_of(session, [name], resources.settings.max_attempts)
+    except (OperationalError, InterfaceError) as exc:
+        log.warning("previous claims not reclaimed (%s); their leases will", type(exc).__name__)
+        return
+    for outcome in outcomes:
+        log.warning(
+            "job %s: attempt %d of this worker's previous life given back; now %s",
+            outcome.job_id,
+            outcome.attempt,
+            outcome.state.value,
+        )
+
+
 def run_worker(settings: Settings, device: str | None, name: str | None) -> int:
     """Load the pipeline, then serve render jobs until stopped; 1 if loading fails."""
     device = device or settings.device
     name = name or f"{device.replace(':', '')}@{socket.gethostname()}"
+    resources = open_resources(settings)
+    reclaim_previous_claims(resources, name)
     try:
         renderer = KolorsRenderer.load(settings, device)
         if settings.warmup:
@@ -81,8 +108,8 @@ def run_worker(settings: Settings, device: str | None, name: str | None) -> int:
     except Exception:
         # Celery would swallow this in a signal handler; failing here keeps the process honest.
         log.exception("could not load the Kolors pipeline (KOLORS_FARM_MODEL=%s)", settings.model)
+        resources.close()
         return 1
-    resources = open_resources(settings)
     context = WorkerContext(
         name=name,
         settings=settings,

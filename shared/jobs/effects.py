@@ -61,7 +61,7 @@ class JobStarted:
 
 @dataclass(frozen=True)
 class JobRequeued:
-    """A job went back in line (its lease lapsed or its message was lost)."""
+    """A job went back in line (its worker was lost); it wakes the dispatcher."""
 
     job_id: str
 
@@ -139,6 +139,7 @@ def _queue(pipe: Any, effect: Effect) -> bool:
             queue_job_state(pipe, job_id, "RUNNING", progress)
         case JobRequeued(job_id=job_id):
             queue_job_state(pipe, job_id, "QUEUED")
+            return True  # back in line: the dispatcher releases it again
         case JobEnded(job_id=job_id, state=state, freed_slot=freed_slot):
             queue_job_ended(pipe, job_id, state)
             return freed_slot

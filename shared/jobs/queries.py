@@ -131,6 +131,15 @@ def expired_leases(session: Session, now: datetime, limit: int) -> list[str]:
     )
 
 
+def claims_of(session: Session, workers: list[str], limit: int) -> list[str]:
+    """RUNNING jobs claimed by any of `workers` (a read of the running jobs' index)."""
+    return list(
+        session.execute(
+            select(Job.id).where(RUNNING, Job.worker.in_(workers)).order_by(Job.id).limit(limit)
+        ).scalars()
+    )
+
+
 def past_deadline(session: Session, now: datetime, limit: int) -> list[str]:
     """QUEUED jobs whose deadline passed."""
     return list(

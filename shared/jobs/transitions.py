@@ -23,6 +23,7 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -47,7 +48,7 @@ from shared.jobs.effects import (
 )
 from shared.jobs.events import StepProgress
 from shared.jobs.params import EXTENSIONS, MAX_SEED, RANDOM_SEED, KolorsParams, image_seed
-from shared.jobs.queries import expired_leases, get_job, past_deadline
+from shared.jobs.queries import claims_of, expired_leases, get_job, past_deadline
 from shared.models import (
     RELEASED,
     RUNNING,
@@ -593,24 +594,44 @@ def recover_expired_leases(
     (or its deadline) arrived before its worker died.
     """
     now = utcnow()
+    lapsed = Job.lease_expires_at < now
+    return _recover_claims(session, expired_leases(session, now, limit), lapsed, max_attempts)
+
+
+@keeps_tenants
+def reclaim_claims_of(
+    session: Session, workers: Collection[str], max_attempts: int, limit: int = 500
+) -> list[LeaseOutcome]:
+    """Settle the RUNNING jobs of workers known to be gone, without waiting for their leases.
+
+    For a worker that restarted under the same name (its previous life's claims) or
+    whose heartbeat lapsed. The attempt fence keeps it safe if one was only slow or
+    cut off: its late writes are refused.
+    """
+    if not workers:
+        return []
+    held = claims_of(session, sorted(workers), limit)
+    return _recover_claims(session, held, Job.worker.in_(sorted(workers)), max_attempts)
+
+
+def _recover_claims(
+    session: Session, job_ids: list[str], still_lost: Any, max_attempts: int
+) -> list[LeaseOutcome]:
+    """Requeue, fail or cancel RUNNING jobs whose claims were lost (`still_lost` holds)."""
     outcomes: list[LeaseOutcome] = []
-    for job_id in expired_leases(session, now, limit):
+    for job_id in job_ids:
         line = lock_line_of_job(session, job_id)
         row = session.execute(
             select(Job.attempt, Job.cancel_requested).where(
-                Job.id == job_id, Job.state == JobState.RUNNING.value, Job.lease_expires_at < now
+                Job.id == job_id, Job.state == JobState.RUNNING.value, still_lost
             )
         ).first()
         if line is None or row is None:
             continue
-        still_expired = [
-            Job.attempt == row.attempt,
-            Job.state == JobState.RUNNING.value,
-            Job.lease_expires_at < now,
-        ]
+        conditions = [Job.attempt == row.attempt, Job.state == JobState.RUNNING.value, still_lost]
         if row.cancel_requested:
             values = {"state": JobState.CANCELLED.value}
-            if _end_job(session, line, job_id, still_expired, values):
+            if _end_job(session, line, job_id, conditions, values):
                 outcomes.append(LeaseOutcome(job_id, row.attempt, JobState.CANCELLED))
             continue
         if row.attempt >= max_attempts:
@@ -619,12 +640,12 @@ def recover_expired_leases(
                 "the credits for undelivered images were released"
             )
             values = {"state": JobState.FAILED.value, "error": error}
-            if _end_job(session, line, job_id, still_expired, values):
+            if _end_job(session, line, job_id, conditions, values):
                 outcomes.append(LeaseOutcome(job_id, row.attempt, JobState.FAILED))
             continue
         requeued = session.execute(
             update(Job)
-            .where(Job.id == job_id, *still_expired, Job.cancel_requested.is_(False))
+            .where(Job.id == job_id, *conditions, Job.cancel_requested.is_(False))
             .values(
                 state=JobState.QUEUED.value,
                 worker=None,

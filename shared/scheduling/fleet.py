@@ -7,7 +7,6 @@ again at the next render, and the dispatcher also ticks on its own.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -24,16 +23,37 @@ WORKERS_KEY: Final = f"{KEY_PREFIX}:workers"
 WORKERS_INFO_KEY: Final = f"{KEY_PREFIX}:workers:info"
 
 
+# Expiries are on Redis's clock (TIME), not the hosts': a worker whose clock runs fast
+# or slow can neither look alive after it died nor dead while it beats.
+_NOW_LUA: Final = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1e6 "
+_HEARTBEAT_SCRIPT: Final = (
+    _NOW_LUA
+    + """
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - 3600)
+"""
+)
+_LIVE_SCRIPT: Final = _NOW_LUA + "return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')"
+_LAPSED_SCRIPT: Final = _NOW_LUA + "return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)"
+
+
 def record_heartbeat(client: redis.Redis, name: str, info: dict[str, Any], ttl_s: float) -> None:
-    """Mark a worker alive for `ttl_s` seconds with a little about it."""
-    now = time.time()
-    with client.pipeline(transaction=False) as pipe:
-        pipe.hset(WORKERS_INFO_KEY, name, json.dumps(info))
-        pipe.zadd(WORKERS_KEY, {name: now + ttl_s})
-        pipe.zrangebyscore(WORKERS_KEY, "-inf", now - 3600)  # gone for an hour
-        gone: list[bytes] = pipe.execute()[-1]
-    if gone:
+    """Mark a worker alive for `ttl_s` seconds (on Redis's clock) with a little about it."""
+    keys = (WORKERS_KEY, WORKERS_INFO_KEY)
+    gone: list[bytes] = client.eval(_HEARTBEAT_SCRIPT, 2, *keys, name, json.dumps(info), ttl_s)
+    if gone:  # gone for an hour
         forget_workers(client, [member.decode() for member in gone])
+
+
+def lapsed_workers(client: redis.Redis) -> set[str]:
+    """Workers whose heartbeat lapsed without a goodbye (a crash, a cut-off host).
+
+    A worker that stops cleanly is forgotten at once, and one gone for an hour is
+    forgotten too; a Redis restarted empty knows no lapsed worker at all.
+    """
+    lapsed: list[bytes] = client.eval(_LAPSED_SCRIPT, 1, WORKERS_KEY)
+    return {name.decode() for name in lapsed}
 
 
 # Per worker, the jobs it has finished rendering that are still being stored and
@@ -90,7 +110,7 @@ def fleet(client: redis.Redis) -> tuple[dict[str, dict[str, Any]], dict[str, flo
     One round trip.
     """
     with client.pipeline(transaction=False) as pipe:
-        pipe.zrangebyscore(WORKERS_KEY, time.time(), "+inf")
+        pipe.eval(_LIVE_SCRIPT, 1, WORKERS_KEY)
         pipe.hgetall(WORKERS_INFO_KEY)
         pipe.hgetall(SPEED_KEY)
         names, infos, speeds = pipe.execute()
