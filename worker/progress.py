@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from shared.jobs.events import Progress, is_cancel_requested, publish_progress
+from shared.jobs.events import StepProgress, is_cancel_requested, publish_progress
 from shared.jobs.transitions import RenderSpec
 from shared.models import utcnow
 
@@ -71,7 +71,7 @@ class ProgressReporter:
         while True:
             with self._state:
                 self._dirty = False
-                progress = Progress(
+                progress = StepProgress(
                     attempt=self._spec.attempt,
                     step=self._step,
                     steps=self._steps,

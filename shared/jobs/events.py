@@ -197,11 +197,6 @@ class StepProgress:
     updated_at: float
 
 
-# The record's former name, which the status body (shared.jobs.bodies.Progress) also has;
-# kept while modules still import it, so that importers can move to StepProgress one by one.
-Progress = StepProgress
-
-
 def write_progress(client: redis.Redis, job_id: str, progress: StepProgress) -> None:
     """Store a job's progress (callers throttle)."""
     key = progress_key(job_id)
