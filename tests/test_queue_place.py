@@ -34,7 +34,8 @@ from shared.models import Job, JobState, UserQueue, utcnow
 from shared.scheduling.fairshare import fair_order, pick_for_release
 from shared.scheduling.order import next_in_fair_order
 from shared.scheduling.positions import queue_place
-from tests.conftest import exact_queue
+from shared.db import make_engine, make_session_factory
+from tests.conftest import empty_database, exact_queue, make_job, make_user, release_job
 
 LEASE = timedelta(minutes=5)
 # Tenants of 1 to 4 users: ties inside a tenant of many users need the tie-break reads.
@@ -158,3 +159,26 @@ def test_a_line_stays_numbered_when_jobs_leave_from_the_middle(
         assert (line.waiting, line.head_job_id, line.tail_job_id) == (6, ids[0], ids[8])
         places = [queue_place(session, session.get_one(Job, job_id)).position for job_id in kept]
     assert places == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_job_released_after_its_row_was_read_is_placed_among_the_released(
+    postgres_database: str,
+) -> None:
+    # PostgreSQL's READ COMMITTED: a status read sees the job waiting, then the dispatcher
+    # releases it, then the read's next statement sees the line without it.
+    engine = make_engine(empty_database(postgres_database))
+    sessions = make_session_factory(engine)
+    try:
+        alice = make_user(sessions, "alice", 10_000)
+        make_job(sessions, alice, release=True)
+        job = make_job(sessions, alice)
+        with transaction(sessions) as reader:
+            read = reader.get_one(Job, job.id)
+            assert read.released_at is None
+            with transaction(sessions) as dispatcher:
+                release_job(dispatcher, job.id)
+            place = queue_place(reader, read)
+        assert place.position == 1  # after the job released first
+        assert read.released_at is not None
+    finally:
+        engine.dispose()

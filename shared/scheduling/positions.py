@@ -271,6 +271,13 @@ def queue_place(session: Session, job: Job) -> QueuePlace:
     rank, waiting, waiting_work, inside_jobs, inside_work, inside_open, numerator, denominator = (
         row[:8]
     )
+    if not waiting:
+        # The job left its line after it was read (each statement of a READ COMMITTED
+        # transaction sees the newest commits): released meanwhile, or ended.
+        session.refresh(job, ["released_at", "state"])
+        if job.released_at is not None:
+            return queue_place(session, job)
+        return QueuePlace(0, 0.0)
     released_count, released_work = row[-2:]
     others = _others(row[8:-2])
     queued = QueuedJob(job.id, job.tenant_id, job.user_id, job.created_at, job_work(job))
