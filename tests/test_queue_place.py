@@ -19,7 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.accounts.users import Principal, create_user, set_tenant_weight, set_user_weight
-from shared.db import read_only, transaction
+from shared.db import make_engine, make_session_factory, read_only, transaction
 from shared.jobs.params import KolorsParams
 from shared.jobs.transitions import (
     cancel_job,
@@ -34,7 +34,6 @@ from shared.models import Job, JobState, UserQueue, utcnow
 from shared.scheduling.fairshare import fair_order, pick_for_release
 from shared.scheduling.order import next_in_fair_order
 from shared.scheduling.positions import queue_place
-from shared.db import make_engine, make_session_factory
 from tests.conftest import empty_database, exact_queue, make_job, make_user, release_job
 
 LEASE = timedelta(minutes=5)
