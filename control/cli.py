@@ -33,6 +33,7 @@ for command in (
     operators.tenants,
     operators.credits,
     operators.keys,
+    operators.audit,
     client.render,
     client.requests,
 ):

@@ -13,6 +13,7 @@ import hashlib
 import os
 import secrets
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -48,6 +49,13 @@ class ResultStorage(Protocol):
         """A URL serving the object without credentials until it expires, or None.
 
         None means the backend cannot make one; the API then signs its own links.
+        """
+
+    def keys(self, prefix: str) -> Iterator[str]:
+        """The key of every object whose key starts with `prefix`, lazily, a page at a time.
+
+        `prefix` is a plain string prefix (`tenant/job/` lists one job's images; "" lists
+        everything). Writes still in progress are not objects yet and are not listed.
         """
 
 
@@ -118,6 +126,30 @@ class LocalStorage:
         """Local files have no URL of their own; the API serves them through signed links."""
         return None
 
+    def keys(self, prefix: str) -> Iterator[str]:
+        """Walk the folder the prefix names (sorted, one folder at a time); skip temp files."""
+        _check_prefix(prefix)
+        folder, _, _ = prefix.rpartition("/")
+        start = self.root / folder if folder else self.root
+        if not start.resolve().is_relative_to(self.root):
+            raise ValueError(f"invalid storage prefix {prefix!r}")
+        yield from self._walk(start, prefix)
+
+    def _walk(self, folder: Path, prefix: str) -> Iterator[str]:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            if entry.name.startswith(".tmp-"):
+                continue  # a write in progress (or one a crash abandoned), never an object
+            key = Path(entry.path).relative_to(self.root).as_posix()
+            if entry.is_dir(follow_symlinks=False):
+                if (key + "/").startswith(prefix) or prefix.startswith(key + "/"):
+                    yield from self._walk(Path(entry.path), prefix)
+            elif key.startswith(prefix):
+                yield key
+
 
 class S3Storage:
     """Objects in an S3-compatible bucket under an optional prefix.
@@ -133,6 +165,8 @@ class S3Storage:
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        # Keys per ListObjectsV2 request (S3's own maximum is 1000).
+        self.list_page_size = 1000
         self.client = client or boto3.client(
             "s3",
             config=Config(
@@ -205,6 +239,26 @@ class S3Storage:
             ExpiresIn=expires_s,
         )
         return url
+
+    def keys(self, prefix: str) -> Iterator[str]:
+        """ListObjectsV2 pages under the bucket prefix plus `prefix` (S3 lists in key order)."""
+        _check_prefix(prefix)
+        base = f"{self.prefix}/" if self.prefix else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(
+            Bucket=self.bucket,
+            Prefix=base + prefix,
+            PaginationConfig={"PageSize": self.list_page_size},
+        )
+        for page in pages:
+            for listed in page.get("Contents", []):
+                yield str(listed["Key"])[len(base) :]
+
+
+def _check_prefix(prefix: str) -> None:
+    """A listing prefix is a key's beginning: relative, never climbing out of the root."""
+    if prefix.startswith("/") or ".." in prefix.split("/"):
+        raise ValueError(f"invalid storage prefix {prefix!r}")
 
 
 def make_storage(url: str) -> ResultStorage:

@@ -1,7 +1,8 @@
-"""The operators' commands: users, tenants, credits, API keys and webhook secrets.
+"""The operators' commands: users, tenants, credits, API keys, webhook secrets, the audit.
 
 Each runs one transaction on the configured database directly (no API needed),
-through `operator_transaction`.
+through `operator_transaction`; the audit only reads, in one snapshot
+(`operator_snapshot`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from shared.accounts.users import KeyInfo
+    from shared.jobs.audit import BooksAudit
 
 
 @contextmanager
@@ -35,6 +37,31 @@ def operator_transaction() -> Iterator[Session]:
             yield session
     except FarmError as exc:
         raise click.ClickException(exc.message) from exc
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def operator_snapshot() -> Iterator[Session]:
+    """A read-only transaction on the configured database that sees one snapshot.
+
+    SQLite's read transactions do (and never take the write lock); on PostgreSQL it runs
+    at REPEATABLE READ, so a farm that keeps working meanwhile cannot tear what it reads.
+    """
+    from sqlalchemy.engine import make_url
+
+    from shared.db import make_engine, make_session_factory, read_only
+
+    url = Settings().resolved_database_url
+    snapshot = (
+        {}
+        if make_url(url).get_backend_name() == "sqlite"
+        else {"isolation_level": "REPEATABLE READ"}
+    )
+    engine = make_engine(url, **snapshot)
+    try:
+        with read_only(make_session_factory(engine)) as session:
+            yield session
     finally:
         engine.dispose()
 
@@ -254,3 +281,116 @@ def webhooks_rotate(tenant: str) -> None:
         "for 24 hours. The new secret:"
     )
     click.echo(secret)
+
+
+@click.command("audit")
+@click.option(
+    "--require-terminal",
+    is_flag=True,
+    help="Count every queued or running job as a finding (for a farm whose load has drained).",
+)
+@click.option(
+    "--batch-size",
+    default=500,
+    show_default=True,
+    type=click.IntRange(1, 10_000),
+    help="Jobs (and users) read per page.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of tables.")
+def audit(require_terminal: bool, batch_size: int, as_json: bool) -> None:
+    """Audit the books: jobs, holds and settlements, balances, images and stored objects.
+
+    Checks that every job has ended or is legitimately live (queued, or running under a
+    lease), that each job held once, captured once per delivered image and released at
+    most once, leaving nothing held once it ended; that no image index was recorded twice;
+    that each user's balance equals its ledger and its grants less its captures (less what
+    its live jobs hold); that every recorded image is in storage and every object under a
+    finished job's prefix is recorded. Reads in pages, in one read-only snapshot; changes
+    nothing. Exits 1 when anything is found.
+    """
+    import json
+
+    from shared.jobs.audit import audit_books
+    from shared.storage import make_storage
+
+    storage = make_storage(Settings().resolved_storage_url)
+    with operator_snapshot() as session:
+        result = audit_books(
+            session, storage, require_terminal=require_terminal, batch_size=batch_size
+        )
+    if as_json:
+        click.echo(json.dumps(audit_json(result)))
+    else:
+        _print_audit(result)
+    if not result.clean:
+        raise SystemExit(1)
+
+
+def audit_json(result: BooksAudit) -> dict[str, object]:
+    """An audit as one JSON-ready document."""
+    return {
+        "clean": result.clean,
+        "checked": {
+            "jobs": result.jobs,
+            "live_jobs": result.live_jobs,
+            "users": result.users,
+            "ledger_entries": result.ledger_entries,
+            "images": result.images,
+            "objects": result.objects,
+        },
+        "findings_by_rule": {str(rule): count for rule, count in sorted(result.by_rule.items())},
+        "findings": [
+            {"rule": str(f.rule), "job_id": f.job_id, "user": f.user, "detail": f.detail}
+            for f in result.findings
+        ],
+    }
+
+
+def _print_audit(result: BooksAudit) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from shared.jobs.audit import RULE_TEXT
+
+    console = Console()
+    checked = Table(title="Books audit: what was checked")
+    checked.add_column("jobs", justify="right")
+    checked.add_column("of them live", justify="right")
+    checked.add_column("users", justify="right")
+    checked.add_column("ledger entries", justify="right")
+    checked.add_column("images", justify="right")
+    checked.add_column("stored objects", justify="right")
+    checked.add_row(
+        *(
+            f"{value:,}"
+            for value in (
+                result.jobs,
+                result.live_jobs,
+                result.users,
+                result.ledger_entries,
+                result.images,
+                result.objects,
+            )
+        )
+    )
+    console.print(checked)
+    if result.clean:
+        console.print("nothing found: every rule holds")
+        return
+    findings = Table(title=f"Findings ({result.total_findings:,})")
+    for column in ("rule", "job", "user", "what was seen"):
+        findings.add_column(column)
+    for finding in result.findings:
+        findings.add_row(
+            str(finding.rule), finding.job_id or "", finding.user or "", finding.detail
+        )
+    console.print(findings)
+    if len(result.findings) < result.total_findings:
+        console.print(f"(the first {len(result.findings):,} shown)")
+    rules = Table(title="Findings by rule")
+    rules.add_column("rule")
+    rules.add_column("broken by", justify="right")
+    rules.add_column("the rule")
+    for rule, count in sorted(result.by_rule.items()):
+        rules.add_row(str(rule), f"{count:,}", RULE_TEXT[rule])
+    console.print(rules)

@@ -4,7 +4,7 @@ The request schema (`params`); every change of a job's state, with the line, led
 and outbox entries that go with it (`transitions`, the one owner); reads of jobs
 (`queries`); the status and result bodies the API and the webhooks answer
 (`bodies`, `deliveries`); the result cache (`cache`), idempotency keys
-(`idempotency`), image encoding (`imaging`) and a job's hot state in Redis:
-completion notices, progress, the event stream, cancel flags (`events`). The top of
-`shared`: imports every other package.
+(`idempotency`), image encoding (`imaging`), a job's hot state in Redis:
+completion notices, progress, the event stream, cancel flags (`events`), and the
+audit of the books (`audit`). The top of `shared`: imports every other package.
 """
