@@ -39,6 +39,8 @@ from shared.scheduling.fairshare import QueuedJob, ShareState
 from shared.settings import Settings
 from shared.storage import ResultStorage, make_storage
 from tests.farms import FarmFactory, RedisDatabases
+from tests.host_farm import HostFarm, start_host_farm
+from tests.hosts import netns_available
 
 if TYPE_CHECKING:
     from worker.pipeline import KolorsRenderer
@@ -264,6 +266,26 @@ def farms(
         yield factory
     finally:
         factory.close()
+
+
+# The multi-host farm's worker hosts keep wrong clocks all along: every multi-host test
+# also shows that leases, deadlines and retention follow the database's clock.
+WORKER_CLOCK_OFFSETS = {"worker-a": 5 * 60, "worker-b": -5 * 60}
+
+
+@pytest.fixture(scope="session")
+def host_farm(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostFarm]:
+    """The farm over four hosts (tests/host_farm.py), built once and shared by every test."""
+    unavailable = netns_available()
+    if unavailable is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the multi-host tests must run in CI: {unavailable}")
+        pytest.skip(unavailable)
+    farm = start_host_farm(tmp_path_factory.mktemp("hosts"), tiny_model_dir, WORKER_CLOCK_OFFSETS)
+    try:
+        yield farm
+    finally:
+        farm.close()
 
 
 def have_redis_binary() -> bool:

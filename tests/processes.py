@@ -164,11 +164,12 @@ class PostgresCluster:
     bin_dir: Path
     data_dir: Path
     port: int
-    as_user: list[str]
+    as_user: list[str]  # the prefix its tools run under (the postgres account, a host)
+    host: str = "127.0.0.1"  # the one address it listens on
 
     @property
     def url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql+psycopg://postgres@{self.host}:{self.port}/postgres"
 
     def _pg_ctl(self, *args: str) -> None:
         subprocess.run(
@@ -185,7 +186,7 @@ class PostgresCluster:
             "-l",
             str(self.data_dir / "server.log"),
             "-o",
-            f"-p {self.port} -k {self.data_dir} -c listen_addresses=127.0.0.1 -c fsync=off",
+            f"-p {self.port} -k {self.data_dir} -c listen_addresses={self.host} -c fsync=off",
             "start",
         )
 
@@ -203,17 +204,28 @@ def find_postgres_bin() -> Path | None:
     return candidates[0].parent if candidates else None
 
 
-def init_postgres_cluster(root: Path) -> PostgresCluster:
-    """initdb a new cluster under `root` (as the `postgres` user when running as root)."""
+def init_postgres_cluster(
+    root: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    run_on: Sequence[str] = (),
+    trusted_network: str | None = None,
+) -> PostgresCluster:
+    """initdb a new cluster under `root` (as the `postgres` user when running as root), started.
+
+    It listens on `host` only, its tools run under the `run_on` prefix (a test host's
+    namespace), and clients from `trusted_network` (a CIDR) are trusted like local ones.
+    """
     bin_dir = find_postgres_bin()
     if bin_dir is None:
         raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
     data_dir = root / "pgdata"
-    as_user: list[str] = []
+    as_user: list[str] = list(run_on)
     if os.geteuid() == 0:
         # PostgreSQL refuses to run as root; run its tools as the postgres account.
         shutil.chown(root, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
+        as_user += ["runuser", "-u", "postgres", "--"]
     subprocess.run(
         [*as_user, str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres",
          "--auth=trust", "-E", "UTF8"],
@@ -221,6 +233,11 @@ def init_postgres_cluster(root: Path) -> PostgresCluster:
         capture_output=True,
         timeout=120,
     )  # fmt: skip
-    cluster = PostgresCluster(bin_dir=bin_dir, data_dir=data_dir, port=free_port(), as_user=as_user)
+    if trusted_network is not None:
+        with (data_dir / "pg_hba.conf").open("a") as hba:
+            hba.write(f"host all all {trusted_network} trust\n")
+    cluster = PostgresCluster(
+        bin_dir=bin_dir, data_dir=data_dir, port=port or free_port(), as_user=as_user, host=host
+    )
     cluster.start()
     return cluster

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite drives, when missing: Chromium for the browser
-# tests (Playwright uses the distribution's build; nothing is downloaded at test time) and
-# docker-compose, whose parser checks deploy/compose.yaml. Run by `make test`.
+# tests (Playwright uses the distribution's build; nothing is downloaded at test time),
+# docker-compose, whose parser checks deploy/compose.yaml, and for the multi-host tests
+# iproute2 (network namespaces), iptables (partitions) and faketime (a host's wrong clock).
+# Run by `make test`.
 set -euo pipefail
 
 # command that must exist -> the Debian package that provides it
 declare -A NEEDED=(
     [/usr/bin/chromium]=chromium
     [docker-compose]=docker-compose
+    [ip]=iproute2
+    [iptables]=iptables
+    [faketime]=faketime
 )
 
 missing=()
