@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     db_retry_s: float = Field(
         default=120.0, ge=0, description="How long a worker retries a write while the DB is down."
     )
+    store_retry_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="How long a worker retries storing an image while the store is unreachable.",
+    )
 
     # Results: link lifetimes and retention.
     url_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)

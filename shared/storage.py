@@ -171,8 +171,12 @@ class S3Storage:
             "s3",
             config=Config(
                 signature_version="s3v4",
-                retries={"mode": "standard", "max_attempts": 5},
+                retries={"mode": "standard", "max_attempts": 3},
                 s3={"addressing_style": "path"},
+                # An endpoint that drops packets fails a call in seconds, not minutes
+                # (botocore's defaults are 60 s each): callers retry on their own terms.
+                connect_timeout=5,
+                read_timeout=30,
             ),
         )
 

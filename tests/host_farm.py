@@ -140,6 +140,7 @@ class HostFarm:
             "KOLORS_FARM_DEVICE": "cpu",
             "KOLORS_FARM_HEARTBEAT_INTERVAL_S": "1",
             "KOLORS_FARM_SYNC_TIMEOUT_S": "120",
+            "KOLORS_FARM_STORE_RETRY_S": "10",
             "AWS_ENDPOINT_URL": self.s3_endpoint,
             "AWS_ACCESS_KEY_ID": "farm",
             "AWS_SECRET_ACCESS_KEY": "farm-secret",

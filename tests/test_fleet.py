@@ -27,7 +27,7 @@ from shared.db import transaction
 from shared.jobs.audit import BooksAudit, audit_books
 from shared.models import TERMINAL_STATES, Job, JobImage, JobState, LedgerEntry, User
 from shared.storage import S3Storage
-from tests.host_farm import BUCKET, HostFarm
+from tests.host_farm import BUCKET, S3_PORT, HostFarm
 from tests.hosts import Host
 from tests.processes import wait_for
 
@@ -378,6 +378,41 @@ def test_the_broker_unreachable_right_after_a_commit_the_job_still_runs(farm: Ho
         farm.api.reconnect()
     jobs = wait_ended(farm, job_ids, timeout_s=120)
     assert {job.state for job in jobs} == {JobState.COMPLETED}
+    audit(farm)
+
+
+@pytest.mark.faults
+def test_s3_unreachable_while_storing_retried_through_an_outage_failed_cleanly_after_it(
+    farm: HostFarm,
+) -> None:
+    key = farm.create_user("s3-away", "100")
+    workers = list(farm.workers.values())
+    for host in workers:
+        host.cut_off_from(farm.data, port=S3_PORT)
+    try:
+        short = submit(farm, key, QUICK | {"seed": 1})
+        host = wait_running_on(farm, short)
+        wait_for(lambda: "retrying" in farm.log(host, "worker"), 30, "a store to fail")
+    finally:
+        for host in workers:
+            host.reconnect()
+    (job,) = wait_ended(farm, [short])
+    assert (job.state, job.images_done) == (JobState.COMPLETED, 1)
+
+    for host in workers:
+        host.cut_off_from(farm.data, port=S3_PORT)
+    try:
+        # Longer than the workers' KOLORS_FARM_STORE_RETRY_S (10 s): the job fails.
+        long = submit(farm, key, QUICK | {"seed": 2, "number_of_images": 2})
+        (job,) = wait_ended(farm, [long], timeout_s=120)
+    finally:
+        for host in workers:
+            host.reconnect()
+    assert job.state == JobState.FAILED
+    assert job.error is not None and "result store was unreachable" in job.error
+    assert job.images_done == 0
+    assert _images(farm, long) == []  # never a recorded image without its object
+    assert ledger_kinds(farm, long) == ["hold", "release"]
     audit(farm)
 
 

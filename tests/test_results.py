@@ -301,7 +301,8 @@ def worker_context(
 ) -> WorkerContext:
     return WorkerContext(
         name="results-worker",
-        settings=settings,
+        # A failing store fails the job at once (the retries have a test of their own).
+        settings=settings.model_copy(update={"store_retry_s": 0.0}),
         sessions=sessions,
         redis=make_redis(settings.require_redis_url()),
         storage=storage,
@@ -380,6 +381,37 @@ def test_generation_record_round_trips_and_reproduces_the_image(
     assert Image.open(io.BytesIO(data)).format == {"jpeg": "JPEG"}.get(
         output_format, output_format.upper()
     )
+
+
+class FlakyStorage(LocalStorage):
+    """Local files whose first `failures` puts fail, as a store that is briefly away."""
+
+    def __init__(self, root: Path, failures: int) -> None:
+        super().__init__(root)
+        self.failures = failures
+        self.puts = 0
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self.puts += 1
+        if self.puts <= self.failures:
+            raise ConnectionError("the store is away")
+        super().put(key, data, content_type)
+
+
+def test_a_store_that_fails_a_while_is_retried_and_the_job_completes(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    renderer: KolorsRenderer,
+    alice: ApiUser,
+    tmp_path: Path,
+) -> None:
+    storage = FlakyStorage(tmp_path / "results", failures=2)
+    context = worker_context(settings, sessions, renderer, storage)
+    context.settings = context.settings.model_copy(update={"store_retry_s": 30.0})
+    job = render(context, alice, number_of_images=1)
+    assert (job.state, len(job.images)) == ("COMPLETED", 1)
+    assert storage.puts == 3
+    assert storage.get(job.images[0].storage_key)[:4] == b"RIFF"  # webp, stored once it worked
 
 
 @pytest.fixture

@@ -18,6 +18,9 @@ from typing import Final
 from shared.models import JobState
 
 RENDER_FAILED: Final = "The render failed on the worker; the credits were released"
+STORE_UNREACHABLE: Final = (
+    "The result store was unreachable; the credits of the undelivered images were released"
+)
 OUT_OF_MEMORY: Final = (
     "Out of GPU memory for this size and number of images; the credits were released"
 )

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -38,7 +39,15 @@ from shared.metrics.counters import RenderTime
 from shared.models import JobState
 from shared.scheduling.fleet import record_render_speed
 from shared.scheduling.order import work_units
-from worker.outcome import RENDER_FAILED, Ended, Fail, Finish, LeftToRecovery, RenderEnd
+from worker.outcome import (
+    RENDER_FAILED,
+    STORE_UNREACHABLE,
+    Ended,
+    Fail,
+    Finish,
+    LeftToRecovery,
+    RenderEnd,
+)
 from worker.retry import with_db_retry
 
 if TYPE_CHECKING:
@@ -55,6 +64,9 @@ log = logging.getLogger(__name__)
 POST_QUEUE_SIZE: Final = 4
 # An idle post-processing thread ends after this long and starts again with the next image.
 POST_IDLE_EXIT_S: Final = 10.0
+# Pauses between tries of a failing store: doubling from the first, at most the second.
+STORE_FIRST_BACKOFF_S: Final = 0.5
+STORE_MAX_BACKOFF_S: Final = 8.0
 
 _LOST_CLAIM: Final = "the attempt lost its claim"
 _DATABASE_AWAY: Final = "the database is unreachable"
@@ -155,6 +167,9 @@ def _post_process(context: WorkerContext, item: PostItem) -> None:
         # Another attempt owns the job now (a lease expired); it settles, not us.
         log.warning("job %s: attempt %d lost its claim; dropping its work", *_ids(spec))
         run.settle(LeftToRecovery(_LOST_CLAIM))
+    except StoreUnreachable:
+        log.exception("job %s: the result store stayed unreachable", spec.job_id)
+        _fail(context, run, STORE_UNREACHABLE)
     except (OperationalError, InterfaceError):
         # Not the render's fault: leave the job RUNNING; its lease expires and recovery
         # requeues it once the database is back.
@@ -215,7 +230,7 @@ def _store_and_record(context: WorkerContext, item: RenderedImage) -> None:
     )
     key = image_storage_key(spec.tenant_id, spec.job_id, item.index, params.output_format)
     # Stored before it is recorded: a recorded image always exists.
-    context.storage.put(key, data, content_type)
+    _store(context, run, key, data, content_type)
     fingerprint = context.renderer.render_fingerprint
     image_key = cache_key(params, seed, fingerprint) if fingerprint is not None else None
     state = with_db_retry(
@@ -242,6 +257,35 @@ def _store_and_record(context: WorkerContext, item: RenderedImage) -> None:
         run.settle(Ended(state))
     else:
         run.reporter.image_recorded()
+
+
+class StoreUnreachable(Exception):
+    """Storing an image kept failing for the whole `store_retry_s`."""
+
+
+def _store(context: WorkerContext, run: JobRun, key: str, data: bytes, content_type: str) -> None:
+    """Put an image, retried while the store fails, for at most `store_retry_s`.
+
+    Raises StaleAttempt once the attempt lost its claim (its images are another's to
+    store now), StoreUnreachable when the time is up.
+    """
+    give_up_at = time.monotonic() + context.settings.store_retry_s
+    delay_s = STORE_FIRST_BACKOFF_S
+    while True:
+        try:
+            context.storage.put(key, data, content_type)
+            return
+        except ValueError:
+            raise  # a bad key is a bug, not an outage
+        except Exception as exc:
+            if time.monotonic() + delay_s >= give_up_at:
+                raise StoreUnreachable(key) from exc
+            log.warning(
+                "job %s: storing %s failed (%s); retrying", run.spec.job_id, key, type(exc).__name__
+            )
+        if run.lease.lost.wait(delay_s):
+            raise StaleAttempt(run.spec.job_id)
+        delay_s = min(STORE_MAX_BACKOFF_S, delay_s * 2)
 
 
 def _fail(context: WorkerContext, run: JobRun, error: str) -> None:
