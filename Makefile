@@ -33,8 +33,10 @@ lint: $(STAMP)
 system-packages:
 	bash tools/system-packages.sh
 
+# Two test processes, each taking whole files: most tests wait on real processes, so two
+# share two cores well, and a file's farm (module fixtures) starts once.
 test: $(STAMP) system-packages lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

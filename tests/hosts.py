@@ -17,6 +17,7 @@ cleaned up is cleaned up by the next one (`remove_leftovers`).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import os
 import re
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PREFIX = "kfh"  # kolors-farm host: namespaces kfh<pid>-<name>, bridge kfh<pid>b, veths kfh<pid>v<i>
+LOCK_PATH = "/run/lock/kolors-farm-test-hosts.lock"
 _LEFTOVER = re.compile(rf"^{PREFIX}(\d+)-")
 
 
@@ -156,22 +158,27 @@ class HostNetwork:
     """A bridge and the hosts on it; `close` removes every namespace, link and process."""
 
     def __init__(self, root: Path) -> None:
-        remove_leftovers()
         self.root = root
         self.tag = f"{PREFIX}{os.getpid()}"
-        self.subnet = free_subnet()
-        addresses = self.subnet.hosts()
         self.bridge = f"{self.tag}b"
-        self.client_address = str(next(addresses))
-        self._addresses = addresses
         self.hosts: dict[str, Host] = {}
-        _ip("link", "add", self.bridge, "type", "bridge")
-        try:
-            _ip("addr", "add", f"{self.client_address}/{self.subnet.prefixlen}", "dev", self.bridge)
-            _ip("link", "set", self.bridge, "up")
-        except BaseException:
-            self.close()
-            raise
+        # Test processes running side by side each pick a subnet: one at a time, so that
+        # each sees the others' bridges (and their routes) before it picks.
+        with Path(LOCK_PATH).open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            remove_leftovers()
+            self.subnet = free_subnet()
+            addresses = self.subnet.hosts()
+            self.client_address = str(next(addresses))
+            self._addresses = addresses
+            _ip("link", "add", self.bridge, "type", "bridge")
+            try:
+                prefix = self.subnet.prefixlen
+                _ip("addr", "add", f"{self.client_address}/{prefix}", "dev", self.bridge)
+                _ip("link", "set", self.bridge, "up")
+            except BaseException:
+                self.close()
+                raise
 
     def add_host(self, name: str) -> Host:
         """A new host on the bridge, with the next address and a folder under `root`."""

@@ -1,16 +1,17 @@
-"""Fault injection on real processes: workers killed, Redis wiped or paused, PostgreSQL stopped.
+"""Fault injection on real processes, on one host: workers killed, Redis paused, poison jobs.
 
 Every test runs real subprocesses (Celery workers on the tiny checkpoint, the
 dispatcher, the API under gunicorn) against a real Redis it owns and a real
 PostgreSQL, injects one fault, waits (bounded) for the farm to recover, and then
 audits the job table and the ledger: each job terminal, each image delivered
-once, each charge made once, every balance equal to its ledger.
+once, each charge made once, every balance equal to its ledger. Faults of a farm
+spread over hosts (a host cut off, PostgreSQL stopped, Redis restarted empty, S3 or
+the broker unreachable, the API host killed) are in tests/test_fleet.py.
 """
 
 from __future__ import annotations
 
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,13 +27,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from control.launcher import RedisServer, start_scratch_redis
 from shared.db import make_engine, make_session_factory, read_only, transaction
 from shared.jobs.audit import audit_books
-from shared.migrate import migrate_database
 from shared.models import TERMINAL_STATES, Job, JobImage, LedgerEntry, User
 from shared.scheduling.fleet import DISPATCH_LOCK_KEY
 from shared.storage import make_storage
 from tests.conftest import empty_database
 from tests.farms import FarmFactory, RunningFarm
-from tests.processes import init_postgres_cluster, wait_for
+from tests.processes import wait_for
 
 pytestmark = pytest.mark.faults
 
@@ -194,30 +194,6 @@ def test_render_longer_than_the_visibility_timeout_runs_once(
     farm.audit()
 
 
-def test_redis_restarted_empty_with_jobs_queued_loses_none(
-    tmp_path: Path, pg_url: str, own_redis: RedisServer, start_farm: Callable[..., Farm]
-) -> None:
-    # Margin 25: all 20 jobs sit in the broker when Redis dies without persistence.
-    farm = start_farm(pg_url, own_redis.url, dispatch_margin="25")
-    key = farm.processes.create_user("ann", "20")
-    job_ids = [farm.submit(key, QUICK | {"steps": 8}) for _ in range(20)]
-    client = redis.Redis.from_url(own_redis.url)
-    wait_for(lambda: int(client.llen("render")) >= 15, 30, "the jobs to reach the broker")
-    own_redis.process.kill()
-    own_redis.process.wait()
-    restarted = start_scratch_redis(tmp_path / "redis2", port=own_redis.port)
-    own_redis.process = restarted.process
-    # The queued messages are gone. The dispatcher (released jobs older than 2 s whose
-    # messages the broker lacks) may already be publishing the first of them again.
-    assert client.llen("render") < 15
-    farm.wait_terminal(job_ids, 180)
-    with transaction(farm.sessions) as session:
-        states = session.scalars(select(Job.state).where(Job.id.in_(job_ids))).all()
-    assert states == ["COMPLETED"] * 20
-    farm.audit()
-    assert "published again" in farm.processes.log("dispatcher")
-
-
 def test_paused_redis_then_resumed_workers_consume_again(
     pg_url: str, own_redis: RedisServer, start_farm: Callable[..., Farm]
 ) -> None:
@@ -234,37 +210,6 @@ def test_paused_redis_then_resumed_workers_consume_again(
         states = session.scalars(select(Job.state).where(Job.id.in_([during, *after]))).all()
     assert set(states) == {"COMPLETED"}
     farm.audit()
-
-
-def test_postgres_stopped_during_a_render(
-    own_redis: RedisServer, start_farm: Callable[..., Farm]
-) -> None:
-    try:
-        cluster = init_postgres_cluster(Path(tempfile.mkdtemp(prefix="kolors-farm-pg-")))
-    except (FileNotFoundError, OSError) as exc:
-        pytest.skip(f"cannot run a PostgreSQL server of our own here: {exc}")
-    try:
-        migrate_database(cluster.url)
-        farm = start_farm(cluster.url, own_redis.url)
-        key = farm.processes.create_user("ann", "20")
-        job_id = farm.submit(key, SLOW | {"number_of_images": 3})
-        farm.wait_running(job_id)
-        cluster.stop()
-        api = farm.processes.api_url
-        status = httpx.get(f"{api}/v2/requests/{job_id}/status", headers={"x-api-key": key})
-        assert status.status_code == 503 and "error" in status.json()
-        assert status.headers["Retry-After"]
-        ready = httpx.get(f"{api}/readyz")
-        assert ready.status_code == 503 and ready.json()["checks"]["database"] != "ok"
-        time.sleep(5)
-        cluster.start()
-        farm.wait_terminal([job_id], 180)
-        job = farm.job(job_id)
-        assert (job.state, job.images_done) == ("COMPLETED", 3)
-        assert httpx.get(f"{api}/readyz").status_code == 200
-        farm.audit()
-    finally:
-        cluster.stop()
 
 
 def test_poison_job_fails_after_max_attempts_and_the_queue_drains(

@@ -230,7 +230,6 @@ def test_a_worker_host_partitioned_mid_render_its_job_completes_once_on_the_othe
     job_id = submit(farm, key, SLOW | {"seed": 99})
     host = wait_running_on(farm, job_id)
     (other,) = [h for h in farm.workers.values() if h is not host]
-    cut_at = time.monotonic()
     host.cut_off()
     try:
         # Its heartbeats stop: within a few intervals the job is requeued and claimed by
@@ -240,11 +239,9 @@ def test_a_worker_host_partitioned_mid_render_its_job_completes_once_on_the_othe
             return job.attempt >= 2 and job.worker == farm.worker_name(other)
 
         wait_for(on_other, 60, "the job to move to the other worker host")
-        moved_s = time.monotonic() - cut_at
         (job,) = wait_ended(farm, [job_id])
         assert job.state == JobState.COMPLETED
         assert job.worker == farm.worker_name(other)
-        assert moved_s < 30
     finally:
         host.reconnect()
     done_images = _images(farm, job_id)
@@ -324,6 +321,12 @@ def test_postgres_on_the_data_host_stopped_for_20_s_under_load(farm: HostFarm) -
     stopped_at = time.monotonic()
     refused: list[httpx.Response] = []
     try:
+        ready = httpx.get(f"{farm.url}/readyz", timeout=30)
+        assert ready.status_code == 503 and ready.json()["checks"]["database"] != "ok"
+        status = httpx.get(
+            f"{farm.url}/v2/requests/{accepted[0]}/status", headers={"x-api-key": key}, timeout=30
+        )
+        assert status.status_code == 503 and status.headers["Retry-After"]
         while time.monotonic() - stopped_at < 20:
             response = httpx.post(
                 f"{farm.url}/v2/kolors", json=QUICK, headers={"x-api-key": key}, timeout=30
@@ -347,6 +350,7 @@ def test_postgres_on_the_data_host_stopped_for_20_s_under_load(farm: HostFarm) -
                 assert farm.running(host, name), f"{host.name}/{name} exited"
     jobs = wait_ended(farm, accepted, timeout_s=240)
     assert {job.state for job in jobs} == {JobState.COMPLETED}
+    assert httpx.get(f"{farm.url}/readyz", timeout=30).status_code == 200
     audit(farm)
 
 
@@ -357,11 +361,14 @@ def test_redis_on_the_data_host_restarted_empty_with_jobs_queued_and_running(
     key = farm.create_user("redis-empty", "100")
     job_ids = [submit(farm, key, QUICK | {"steps": 12, "seed": s}) for s in range(8)]
     wait_running_on(farm, job_ids[0])
+    dispatcher_log = len(farm.log(farm.api, "dispatcher"))
     farm.kill(farm.data, "redis")
     time.sleep(2)
     farm.start_redis()  # empty: persists nothing
     jobs = wait_ended(farm, job_ids, timeout_s=240)
     assert {job.state for job in jobs} == {JobState.COMPLETED}
+    # The queued jobs' messages were lost with Redis: the dispatcher sent them again.
+    assert "published again" in farm.log(farm.api, "dispatcher")[dispatcher_log:]
     audit(farm)
 
 
