@@ -12,6 +12,18 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# libpq's network settings for a database on another host, unless the URL sets them: a
+# server that went away (a partition drops packets, it refuses nothing) fails a
+# connection attempt in 10 s and a statement whose packets go unanswered in 30 s,
+# instead of hanging a request or a worker thread for the kernel's 15 minutes.
+POSTGRES_NETWORK: dict[str, int] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 # Execution option marking a read-only transaction (see `read_only`).
 READ_ONLY_OPTION = "kolors_farm_read_only"
 
@@ -20,6 +32,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     """Create an engine; SQLite gets WAL, a busy timeout and write-locking transactions."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
+        network = {k: v for k, v in POSTGRES_NETWORK.items() if k not in parsed.query}
+        if parsed.get_backend_name() == "postgresql":
+            kwargs["connect_args"] = network | kwargs.get("connect_args", {})
         return create_engine(url, pool_pre_ping=True, **kwargs)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
