@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from datetime import datetime
 from typing import Final
 
 from flask import Blueprint, Response, g, request
@@ -31,6 +32,7 @@ from shared.accounts.history import (
     usage_window,
 )
 from shared.accounts.pricing import format_credits
+from shared.clock import database_now
 from shared.db import read_only
 from shared.jobs.bodies import failure_fields, links_expire_at
 from shared.jobs.queries import public_status, results_expired
@@ -66,10 +68,10 @@ def me() -> Response:
     )
 
 
-def _summary(job: Job, user: str) -> RequestSummary:
+def _summary(job: Job, user: str, now: datetime) -> RequestSummary:
     error, cancelled = failure_fields(job)
     links: list[str] = []
-    if job.images and not results_expired(job):
+    if job.images and not results_expired(job, now):
         links = image_links(job, links_expire_at(job, farm().settings))
     return RequestSummary(
         request_id=job.id,
@@ -109,7 +111,8 @@ def list_requests() -> Response:
         page = request_page(
             session, current_principal().tenant_id, query.status, query.limit, after
         )
-    summaries = [_summary(job, page.user_names.get(job.user_id, "")) for job in page.jobs]
+        now = database_now(session)
+    summaries = [_summary(job, page.user_names.get(job.user_id, ""), now) for job in page.jobs]
     cursor = encode_history_cursor(page.next_key) if page.next_key else None
     return respond(RequestPage(requests=summaries, next_cursor=cursor))
 

@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -32,6 +33,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from api.context import farm
 from api.errors import problem
+from shared.clock import database_now
 from shared.db import read_only
 from shared.errors import InvalidParams
 from shared.metrics.counters import (
@@ -69,7 +71,6 @@ from shared.metrics.readings import (
     tenant_names,
     worker_gauges,
 )
-from shared.models import utcnow
 from shared.resources import Resources
 
 if TYPE_CHECKING:
@@ -260,9 +261,11 @@ class FarmCollector:
             counters = None
         loads: list[TenantLoad] | None = None
         names: dict[int, str] = {}
+        now: datetime | None = None  # the database's: its jobs' times are on its clock
         try:
             with read_only(resources.sessions) as session:
                 loads = active_tenants(session)
+                now = database_now(session)
                 if counters is not None:
                     names = tenant_names(session, counters.tenant_ids())
         except (OperationalError, InterfaceError) as exc:
@@ -278,8 +281,8 @@ class FarmCollector:
             # Without the database the tenants have no names: leave the samples out
             # (a gap) rather than label them by id for one scrape.
             yield from _tenant_counter_families(counters, names)
-        if loads is not None:
-            yield from _queue_families(loads)
+        if loads is not None and now is not None:
+            yield from _queue_families(loads, now)
 
 
 def _gauge(family: Family) -> GaugeMetricFamily:
@@ -339,8 +342,7 @@ def _histogram_family(
     return metric
 
 
-def _queue_families(loads: list[TenantLoad]) -> Iterator[Metric]:
-    now = utcnow()
+def _queue_families(loads: list[TenantLoad], now: datetime) -> Iterator[Metric]:
     depth, in_flight, oldest = _gauge(QUEUE_DEPTH), _gauge(IN_FLIGHT), _gauge(OLDEST_WAIT)
     for load in loads:
         depth.add_metric([load.tenant], load.waiting)

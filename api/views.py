@@ -35,6 +35,7 @@ from api.spec import (
 )
 from shared.accounts.ledger import get_balance
 from shared.accounts.pricing import format_credits
+from shared.clock import database_now
 from shared.db import read_only, transaction
 from shared.errors import InvalidLink, InvalidParams
 from shared.jobs.bodies import (
@@ -50,7 +51,7 @@ from shared.jobs.idempotency import (
 )
 from shared.jobs.params import CONTENT_TYPES, KolorsParams, parse_params
 from shared.jobs.queries import ensure_results_retained, get_job, job_state, public_status
-from shared.jobs.status import load_job, read_result, read_status
+from shared.jobs.status import load_retained_job, read_result, read_status
 from shared.jobs.submission import SubmitRequest, submit_request
 from shared.jobs.transitions import cancel_job
 from shared.links import signing_key, verify_image_link
@@ -213,8 +214,8 @@ def _job_urls(job_id: str) -> dict[str, str]:
     }
 
 
-def _load_job(job_id: str) -> Job:
-    return load_job(farm(), current_principal(), job_id)
+def _load_retained_job(job_id: str) -> Job:
+    return load_retained_job(farm(), current_principal(), job_id)
 
 
 def _answer(body: JobStatus | JobResult, job: Job) -> Response:
@@ -274,8 +275,7 @@ def kolors_sync() -> Response:
             request_id=job.id,
             **_job_urls(job.id),
         )
-    job = _load_job(job.id)
-    ensure_results_retained(job)  # a replay may come after the retention
+    job = _load_retained_job(job.id)  # a replay may come after the retention
     if public_status(job) == "FAILED" or not job.images:
         error, cancelled = failure_fields(job)
         extra = {"cancelled": True} if cancelled else {}
@@ -410,8 +410,7 @@ def _image_response(job: Job, index: int) -> Response:
 @authenticated
 def job_image(job_id: str, index: int) -> Response:
     """One delivered image's bytes, for a caller with an API key."""
-    job = _load_job(job_id)
-    ensure_results_retained(job)
+    job = _load_retained_job(job_id)
     return _image_response(job, index)
 
 
@@ -436,7 +435,8 @@ def result_image(token: str) -> Response:
         if job is None or job.tenant_id != link.tenant_id:
             raise InvalidLink("This link is not valid")
         _ = job.images
-    ensure_results_retained(job)
+        now = database_now(session)
+    ensure_results_retained(job, now)
     return _image_response(job, link.index)
 
 

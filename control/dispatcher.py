@@ -28,6 +28,7 @@ from redis.exceptions import LockError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.celery_app import RENDER_QUEUE, make_celery, publish_render
+from shared.clock import database_now
 from shared.db import read_only, transaction
 from shared.jobs.idempotency import IDEMPOTENCY_CLEANUP_BATCH, delete_expired_keys
 from shared.jobs.queries import expired_results, stale_releases
@@ -41,7 +42,7 @@ from shared.jobs.transitions import (
     unrelease_job,
 )
 from shared.metrics.counters import Dispatched, record
-from shared.models import JobState, utcnow
+from shared.models import JobState
 from shared.resources import Resources, open_resources
 from shared.scheduling.fleet import (
     DISPATCH_LOCK_KEY,
@@ -95,7 +96,7 @@ class Dispatcher:
                 log.warning("result cleanup failed (%s); will retry", type(exc).__name__)
             try:
                 with transaction(self.sessions) as session:
-                    delete_expired_keys(session, utcnow(), IDEMPOTENCY_CLEANUP_BATCH)
+                    delete_expired_keys(session, database_now(session), IDEMPOTENCY_CLEANUP_BATCH)
             except (OperationalError, InterfaceError) as exc:
                 log.warning("idempotency key cleanup failed (%s); will retry", type(exc).__name__)
         return report
@@ -154,8 +155,8 @@ class Dispatcher:
         missing = load.released - self._broker_depth()
         if missing <= 0:
             return
-        cutoff = utcnow() - timedelta(seconds=self.settings.redispatch_after_s)
         with read_only(self.sessions) as session:
+            cutoff = database_now(session) - timedelta(seconds=self.settings.redispatch_after_s)
             lost = stale_releases(session, cutoff, missing)
         for job_id in lost:
             publish_render(self.celery, job_id)

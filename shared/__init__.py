@@ -2,6 +2,7 @@
 
 Platform modules, at this level, import no package below:
 `settings` (the one typed settings object), `db` (engines, sessions, transactions),
+`clock` (the database's time, which decides leases, deadlines and retention),
 `models` (the tables and their state predicates), `errors` (domain errors and the one
 conversion of validation errors), `storage` (local disk or S3), `links` (signed image
 links), `redis_client`, `celery_app`, `logs`, `migrate`.

@@ -11,7 +11,6 @@ import redis
 
 from shared.jobs.events import StepProgress, is_cancel_requested, publish_progress
 from shared.jobs.transitions import RenderSpec
-from shared.models import utcnow
 
 if TYPE_CHECKING:
     from worker.context import WorkerContext
@@ -40,6 +39,12 @@ class ProgressReporter:
         self._steps = spec.params.steps
         self.images_done = len(spec.delivered)  # images recorded, as the status route says
         self.deadline_passed = False
+        # The deadline on this process's monotonic clock: the time the job had left at its
+        # claim (both read on the database's clock), counted from now, moments after the
+        # claim. A host whose wall clock is wrong, or is stepped mid-render, stops neither
+        # early nor late; the claim's commit only makes it a few milliseconds late.
+        left = spec.time_to_deadline()
+        self._deadline = None if left is None else time.monotonic() + left.total_seconds()
 
     def step(self, step: int, steps: int) -> None:
         """The render reached `step` of `steps`; written when due."""
@@ -77,7 +82,7 @@ class ProgressReporter:
                     steps=self._steps,
                     images_done=self.images_done,
                     images=self._spec.params.number_of_images,
-                    updated_at=time.time(),
+                    updated_at=time.time(),  # shown to the job's watchers only
                 )
             try:
                 # Also the job's event stream's `progress` events (same throttle).
@@ -96,8 +101,7 @@ class ProgressReporter:
         """Stop at this step if cancelled, past the deadline, or the attempt is over."""
         if self._run.stop_render.is_set() or self._run.lease.lost.is_set():
             return True
-        deadline = self._spec.deadline_at
-        if deadline is not None and utcnow() >= deadline:
+        if self._deadline is not None and time.monotonic() >= self._deadline:
             self.deadline_passed = True
             return True
         try:

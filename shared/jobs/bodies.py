@@ -105,6 +105,8 @@ def failure_fields(job: Job) -> tuple[str | None, bool]:
 
 def links_expire_at(job: Job, settings: Settings) -> datetime:
     """When links made now to a job's images expire: the link lifetime, within retention."""
+    # This host's clock: the API that signs a link checks it (shared.links); retention
+    # itself is checked on the database's clock wherever an image is served.
     expires_at = utcnow() + timedelta(seconds=settings.url_ttl_s)
     if job.expires_at is not None:
         expires_at = min(expires_at, job.expires_at)
@@ -199,9 +201,14 @@ def result_body(
     )
 
 
-def result_of(job: Job, settings: Settings, storage: ResultStorage, base_url: str) -> JobResult:
-    """A loaded job's result body with fresh links under `base_url` (none once expired)."""
+def result_of(
+    job: Job, settings: Settings, storage: ResultStorage, base_url: str, now: datetime
+) -> JobResult:
+    """A loaded job's result body with fresh links under `base_url` (none once expired at `now`).
+
+    `now` is the database's time (`shared.clock.database_now`), read when the job was.
+    """
     expires_at = links_expire_at(job, settings)
-    images = [] if results_expired(job) else list(job.images)
+    images = [] if results_expired(job, now) else list(job.images)
     links = [image_link(job, image, expires_at, settings, storage, base_url) for image in images]
     return result_body(job, images, links, expires_at)

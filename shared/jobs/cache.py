@@ -32,8 +32,9 @@ from typing import Any, Final, Literal
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from shared.clock import database_now
 from shared.jobs.params import KolorsParams, image_seed
-from shared.models import Job, JobImage, utcnow
+from shared.models import Job, JobImage
 from shared.storage import ResultStorage
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def find_cached_images(
     """
     if not keys:
         return {}
-    now = now or utcnow()
+    now = now or database_now(session)
     query = (
         select(
             JobImage.cache_key,

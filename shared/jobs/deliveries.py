@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
 
+from shared.clock import database_now
 from shared.jobs import bodies
 from shared.models import (
     Job,
@@ -24,13 +26,15 @@ def status_body(job: Job) -> dict[str, Any]:
     return bodies.status_body(job).model_dump(mode="json")
 
 
-def result_body(job: Job, settings: Settings, storage: ResultStorage) -> dict[str, Any]:
+def result_body(
+    job: Job, settings: Settings, storage: ResultStorage, now: datetime
+) -> dict[str, Any]:
     """The `completed` event's body: GET /v2/requests/{id} with fresh, absolute image links.
 
     Links are absolute under `public_base_url`; when it is unset they are paths
     (`/v2/results/...`) the receiver resolves against the farm's address.
     """
-    body = bodies.result_of(job, settings, storage, settings.public_base_url or "")
+    body = bodies.result_of(job, settings, storage, settings.public_base_url or "", now)
     return body.model_dump(mode="json")
 
 
@@ -44,7 +48,10 @@ def prepare(
             delivery_id, delivery.tenant_id, delivery.url, delivery.event, "", [], DISABLED
         )
     job = session.get_one(Job, delivery.job_id)
-    body = status_body(job) if delivery.event == START else result_body(job, settings, storage)
+    if delivery.event == START:
+        body = status_body(job)
+    else:
+        body = result_body(job, settings, storage, database_now(session))
     return Prepared(
         delivery_id=delivery_id,
         tenant_id=delivery.tenant_id,

@@ -16,6 +16,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from shared.accounts.users import Principal
+from shared.clock import database_now
 from shared.errors import JobNotFound, ResultsExpired
 from shared.models import (
     LIVE_DEADLINE,
@@ -26,7 +27,6 @@ from shared.models import (
     Job,
     JobImage,
     JobState,
-    utcnow,
 )
 
 PUBLIC_STATUS: Final = {
@@ -61,16 +61,16 @@ def public_status(job: Job) -> str:
     return PUBLIC_STATUS[JobState(job.state)]
 
 
-def results_expired(job: Job, now: datetime | None = None) -> bool:
-    """Whether the job's results are past their retention (served never again)."""
+def results_expired(job: Job, now: datetime) -> bool:
+    """Whether the job's results are past their retention at `now` (the database's time)."""
     if job.results_deleted_at is not None:
         return True
-    return job.expires_at is not None and job.expires_at <= (now or utcnow())
+    return job.expires_at is not None and job.expires_at <= now
 
 
-def ensure_results_retained(job: Job) -> None:
-    """ResultsExpired unless the job's results may still be served."""
-    if results_expired(job):
+def ensure_results_retained(job: Job, now: datetime) -> None:
+    """ResultsExpired unless the job's results may still be served at `now` (the database's)."""
+    if results_expired(job, now):
         expired = job.expires_at.isoformat() if job.expires_at else "earlier"
         raise ResultsExpired(
             f"The results of request {job.id} expired at {expired} and were deleted"
@@ -84,7 +84,7 @@ def expired_results(session: Session, limit: int) -> dict[str, list[str]]:
             select(Job.id)
             .where(
                 RETAINED,
-                Job.expires_at <= utcnow(),
+                Job.expires_at <= database_now(session),
                 Job.state.in_([s.value for s in TERMINAL_STATES]),
             )
             .order_by(Job.expires_at)

@@ -6,7 +6,10 @@ from here (and `shared.jobs.bodies`), so a stream says exactly what a poll would
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from shared.accounts.users import Principal
+from shared.clock import database_now
 from shared.db import read_only
 from shared.jobs.bodies import JobResult, JobStatus, result_of, status_body
 from shared.jobs.events import read_progress
@@ -43,18 +46,32 @@ def read_status(resources: Resources, principal: Principal, job_id: str) -> tupl
     return job, body
 
 
-def load_job(resources: Resources, principal: Principal, job_id: str) -> Job:
-    """A job of the caller's tenant with its images loaded (any other tenant's: not found)."""
+def _load_retained_job(
+    resources: Resources, principal: Principal, job_id: str
+) -> tuple[Job, datetime]:
+    """A job of the caller's tenant with its images, and the database's time it was read at.
+
+    ResultsExpired past its retention, judged by that time (not this host's clock).
+    """
     with read_only(resources.sessions) as session:
         job = get_job(session, principal, job_id)
         _ = job.images  # load while the session is open
-        return job
+        now = database_now(session)
+    ensure_results_retained(job, now)
+    return job, now
+
+
+def load_retained_job(resources: Resources, principal: Principal, job_id: str) -> Job:
+    """A job of the caller's tenant with its images loaded; ResultsExpired past retention.
+
+    Any other tenant's job is not found.
+    """
+    return _load_retained_job(resources, principal, job_id)[0]
 
 
 def read_result(
     resources: Resources, principal: Principal, job_id: str, base_url: str
 ) -> tuple[Job, JobResult]:
     """A job's result with fresh links under `base_url`; ResultsExpired past retention."""
-    job = load_job(resources, principal, job_id)
-    ensure_results_retained(job)
-    return job, result_of(job, resources.settings, resources.storage, base_url)
+    job, now = _load_retained_job(resources, principal, job_id)
+    return job, result_of(job, resources.settings, resources.storage, base_url, now)

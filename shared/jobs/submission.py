@@ -18,6 +18,7 @@ import redis
 
 from shared.accounts.ledger import get_balance
 from shared.accounts.users import Principal
+from shared.clock import database_now
 from shared.db import read_only, transaction
 from shared.jobs.cache import (
     CacheHit,
@@ -38,7 +39,7 @@ from shared.jobs.idempotency import (
 from shared.jobs.params import RANDOM_SEED, KolorsParams
 from shared.jobs.queries import get_job
 from shared.jobs.transitions import image_storage_key, new_job_id, submit_job
-from shared.models import Job, utcnow
+from shared.models import Job
 from shared.resources import Resources
 from shared.scheduling.fleet import live_workers
 from shared.webhooks.urls import check_webhook
@@ -81,7 +82,9 @@ def submit_request(resources: Resources, asked: SubmitRequest) -> Submission:
     ttl = timedelta(seconds=resources.settings.idempotency_ttl_s)
     user_id = asked.principal.user_id
     with transaction(resources.sessions) as session:
-        claim = claim_key(session, user_id, asked.idempotency_key, digest, utcnow(), ttl)
+        claim = claim_key(
+            session, user_id, asked.idempotency_key, digest, database_now(session), ttl
+        )
     if isinstance(claim, Replay):
         with read_only(resources.sessions) as session:
             job = get_job(session, asked.principal, claim.job_id)

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from shared.accounts.ledger import capture_image_credit, hold_credits, release_hold
 from shared.accounts.pricing import price_per_image
 from shared.accounts.users import Principal
+from shared.clock import database_now
 from shared.errors import StaleAttempt, TooManyJobs
 from shared.jobs.cache import CacheHit, cached_price
 from shared.jobs.effects import (
@@ -56,7 +57,6 @@ from shared.models import (
     Job,
     JobImage,
     JobState,
-    utcnow,
 )
 from shared.scheduling.fairshare import QueuedJob
 from shared.scheduling.lines import (
@@ -96,6 +96,9 @@ class RenderSpec:
     seed: int
     delivered: frozenset[int]
     deadline_at: datetime | None = None
+    # The database's time at the claim: with `deadline_at`, the time the render has left,
+    # which the worker counts on its own monotonic clock, whatever its wall clock says.
+    claimed_at: datetime | None = None
 
     def image_seed(self, index: int) -> int:
         """The seed of image `index` of this job."""
@@ -104,6 +107,12 @@ class RenderSpec:
     def pending_indices(self) -> list[int]:
         """Image indices not yet delivered by an earlier attempt."""
         return [i for i in range(self.params.number_of_images) if i not in self.delivered]
+
+    def time_to_deadline(self) -> timedelta | None:
+        """How long the job had left before its deadline when it was claimed; None: no deadline."""
+        if self.deadline_at is None or self.claimed_at is None:
+            return None
+        return self.deadline_at - self.claimed_at
 
 
 def new_job_id() -> str:
@@ -136,7 +145,7 @@ def _end_job(
     row = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state.in_(_LIVE), *conditions)
-        .values(finished_at=utcnow(), lease_expires_at=None, **values)
+        .values(finished_at=database_now(session), lease_expires_at=None, **values)
         .returning(
             Job.released_at,
             Job.queue_seq,
@@ -194,7 +203,7 @@ def submit_job(
             retry_after_s=10,
         )
     unit_price = price_per_image(params.width, params.height, params.steps, reference_price)
-    now = utcnow()
+    now = database_now(session)
     created_at = next_submission_time(line, now)
     job = _new_job(
         principal,
@@ -263,7 +272,7 @@ def _complete_from_cache(
     """
     full_price = price_per_image(params.width, params.height, params.steps, reference_price)
     unit_price = cached_price(full_price, cached.price_fraction)
-    now = utcnow()
+    now = database_now(session)
     created_at = next_submission_time(line, now)
     job = _new_job(
         principal,
@@ -317,7 +326,7 @@ def _complete_from_cache(
 @keeps_tenants
 def release_jobs(session: Session, jobs: list[QueuedJob]) -> list[str]:
     """Mark jobs released (in flight), in the order given; return those still waiting."""
-    released_at = utcnow()
+    released_at = database_now(session)
     released: set[str] = set()
     by_user: dict[int, list[QueuedJob]] = {}
     for job in jobs:
@@ -359,7 +368,8 @@ def unrelease_job(session: Session, job_id: str) -> None:
 
 def touch_release(session: Session, job_id: str) -> None:
     """Restart a released job's clock after its message was published again."""
-    session.execute(update(Job).where(Job.id == job_id, RELEASED).values(released_at=utcnow()))
+    now = database_now(session)
+    session.execute(update(Job).where(Job.id == job_id, RELEASED).values(released_at=now))
 
 
 # ---------------------------------------------------------------- the worker's writes
@@ -371,7 +381,7 @@ def claim_job(session: Session, job_id: str, worker: str, lease: timedelta) -> R
     A job that is still waiting its turn is not claimable: the dispatcher, not a
     stray message, decides what starts.
     """
-    now = utcnow()
+    now = database_now(session)
     row = session.execute(
         update(Job)
         .where(Job.id == job_id, RELEASED, Job.cancel_requested.is_(False))
@@ -415,6 +425,7 @@ def claim_job(session: Session, job_id: str, worker: str, lease: timedelta) -> R
         seed=row.seed,
         delivered=delivered,
         deadline_at=row.deadline_at,
+        claimed_at=now,
     )
     progress = StepProgress(
         attempt=spec.attempt,
@@ -422,7 +433,7 @@ def claim_job(session: Session, job_id: str, worker: str, lease: timedelta) -> R
         steps=spec.params.steps,
         images_done=len(delivered),
         images=spec.params.number_of_images,
-        updated_at=time.time(),
+        updated_at=time.time(),  # shown to the job's watchers only; decides nothing
     )
     after_commit(session, JobStarted(job_id, row.tenant_id, progress, queue_wait_s))
     return spec
@@ -433,7 +444,7 @@ def renew_lease(session: Session, job_id: str, attempt: int, lease: timedelta) -
     renewed = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
-        .values(lease_expires_at=utcnow() + lease)
+        .values(lease_expires_at=database_now(session) + lease)
         .returning(Job.id)
     ).scalar_one_or_none()
     return renewed is not None
@@ -593,7 +604,7 @@ def recover_expired_leases(
     A job is failed once it has used `max_attempts`, and ends CANCELLED when a cancel
     (or its deadline) arrived before its worker died.
     """
-    now = utcnow()
+    now = database_now(session)
     lapsed = Job.lease_expires_at < now
     return _recover_claims(session, expired_leases(session, now, limit), lapsed, max_attempts)
 
@@ -673,7 +684,7 @@ class DeadlineOutcome:
 @keeps_tenants
 def enforce_deadlines(session: Session, limit: int = 500) -> DeadlineOutcome:
     """Cancel queued jobs past their deadline; flag running ones to stop."""
-    now = utcnow()
+    now = database_now(session)
     cancelled = []
     for job_id in past_deadline(session, now, limit):
         line = lock_line_of_job(session, job_id)
@@ -708,7 +719,7 @@ def mark_results_deleted(session: Session, job_id: str) -> None:
     session.execute(
         update(Job)
         .where(Job.id == job_id, Job.results_deleted_at.is_(None))
-        .values(results_deleted_at=utcnow())
+        .values(results_deleted_at=database_now(session))
     )
     # The cache index then holds retained images only, so a lookup never wades through
     # the keys of images long deleted.

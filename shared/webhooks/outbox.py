@@ -29,12 +29,12 @@ from sqlalchemy import Select, delete, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from shared.clock import database_now
 from shared.models import (
     DELIVERY_PENDING_SQL,
     DisabledWebhook,
     WebhookAttempt,
     WebhookDelivery,
-    utcnow,
 )
 from shared.settings import Settings
 from shared.webhooks.delivery import Outcome, Prepared
@@ -85,7 +85,7 @@ def add_delivery(
     if url is None or event not in job_events(events):
         return None
     delivery_id = new_delivery_id()
-    now = utcnow()
+    now = database_now(session)
     session.add(
         WebhookDelivery(
             id=delivery_id,
@@ -135,7 +135,7 @@ def claim_due(session: Session, lease: timedelta, limit: int = 100) -> list[Clai
     Reads the partial index of pending rows only, however many deliveries the farm
     has made.
     """
-    now = utcnow()
+    now = database_now(session)
     due = session.execute(due_read(now, limit)).scalars()
     claims = []
     for delivery_id in list(due):
@@ -148,7 +148,7 @@ def claim_due(session: Session, lease: timedelta, limit: int = 100) -> list[Clai
 def _claim(session: Session, delivery_id: str, token: str | None, until: datetime) -> Claim | None:
     conditions: list[Any] = [WebhookDelivery.id == delivery_id, WebhookDelivery.state == PENDING]
     if token is None:
-        conditions.append(WebhookDelivery.next_attempt_at <= utcnow())
+        conditions.append(WebhookDelivery.next_attempt_at <= database_now(session))
     else:
         conditions.append(WebhookDelivery.next_attempt_at == datetime.fromisoformat(token))
     claimed = session.execute(
@@ -162,7 +162,7 @@ def _claim(session: Session, delivery_id: str, token: str | None, until: datetim
 
 def take_claim(session: Session, claim: Claim, lease: timedelta) -> Claim | None:
     """Renew a claim for the attempt itself; None if it is stale (another holds the row)."""
-    return _claim(session, claim.delivery_id, claim.token, utcnow() + lease)
+    return _claim(session, claim.delivery_id, claim.token, database_now(session) + lease)
 
 
 def url_hash(url: str) -> str:
@@ -193,7 +193,7 @@ def record_outcome(
 
     `outcome` None records a skip (the URL was disabled). Returns the new state.
     """
-    now = utcnow()
+    now = database_now(session)
     delivery = session.get_one(WebhookDelivery, prepared.delivery_id)
     if outcome is None:
         state = DISABLED
@@ -324,10 +324,11 @@ def redeliver_latest(session: Session, job_id: str) -> str:
     ).scalar_one_or_none()
     if delivery is None:
         raise NothingToRedeliver(404, "This request has no webhook deliveries")
+    now = database_now(session)
     moved = session.execute(
         update(WebhookDelivery)
         .where(WebhookDelivery.id == delivery.id, WebhookDelivery.state != PENDING)
-        .values(state=PENDING, attempts=0, next_attempt_at=utcnow(), finished_at=None)
+        .values(state=PENDING, attempts=0, next_attempt_at=now, finished_at=None)
         .returning(WebhookDelivery.id)
     ).scalar_one_or_none()
     if moved is None:

@@ -12,11 +12,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
+from shared.clock import database_now
 from shared.errors import NotFound
 from shared.models import (
     Tenant,
     WebhookSecret,
-    utcnow,
 )
 
 SECRET_PREFIX: Final = "whsec_"  # noqa: S105 - the format's prefix, not a secret
@@ -78,7 +78,7 @@ def rotate_secret(session: Session, tenant: str) -> str:
     session.execute(
         update(WebhookSecret)
         .where(WebhookSecret.tenant_id == tenant_id, WebhookSecret.expires_at.is_(None))
-        .values(expires_at=utcnow() + ROTATION_OVERLAP)
+        .values(expires_at=database_now(session) + ROTATION_OVERLAP)
     )
     fresh = WebhookSecret(tenant_id=tenant_id, secret=new_secret())
     session.add(fresh)
@@ -88,7 +88,7 @@ def rotate_secret(session: Session, tenant: str) -> str:
 
 def signing_secrets(session: Session, tenant_id: int, now: datetime | None = None) -> list[str]:
     """Every secret of the tenant that still signs: the current one and any rotated < 24 h ago."""
-    moment = now or utcnow()
+    moment = now or database_now(session)
     tenant_secret(session, tenant_id)
     found = session.execute(
         select(WebhookSecret.secret)
