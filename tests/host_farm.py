@@ -79,6 +79,7 @@ class HostFarm:
     workers: dict[str, Host]  # worker host name -> host
     model_dir: Path
     clock_offsets: Mapping[str, int] = field(default_factory=dict)  # worker host -> seconds
+    settings: Mapping[str, str] = field(default_factory=dict)  # KOLORS_FARM_* overrides
     supervisor: Supervisor = field(default_factory=lambda: Supervisor(restart=False))
     postgres: PostgresCluster | None = None
     _engine: Engine | None = None
@@ -146,6 +147,7 @@ class HostFarm:
             "AWS_SECRET_ACCESS_KEY": "farm-secret",
             "AWS_DEFAULT_REGION": "us-east-1",
         }
+        env |= self.settings
         if host.name in self.clock_offsets:
             env |= faketime_env(self.clock_offsets[host.name])
         return env
@@ -302,9 +304,16 @@ def _answers(url: str) -> bool:
 
 
 def start_host_farm(
-    root: Path, model_dir: Path, clock_offsets: Mapping[str, int] | None = None
+    root: Path,
+    model_dir: Path,
+    clock_offsets: Mapping[str, int] | None = None,
+    settings: Mapping[str, str] | None = None,
 ) -> HostFarm:
-    """Build the hosts and start the farm on them; once both workers send heartbeats."""
+    """Build the hosts and start the farm on them; once both workers send heartbeats.
+
+    `clock_offsets`: worker host name -> seconds its wall clock is off; `settings`:
+    environment overrides for every farm process (KOLORS_FARM_HEARTBEAT_INTERVAL_S: "5").
+    """
     network = HostNetwork(root)
     try:
         data = network.add_host("data")
@@ -313,7 +322,9 @@ def start_host_farm(
     except BaseException:
         network.close()
         raise
-    farm = HostFarm(network, data, api, workers, model_dir, dict(clock_offsets or {}))
+    farm = HostFarm(
+        network, data, api, workers, model_dir, dict(clock_offsets or {}), dict(settings or {})
+    )
     try:
         farm.start_postgres()
         farm.start_redis()
