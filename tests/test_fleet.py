@@ -360,7 +360,12 @@ def test_redis_on_the_data_host_restarted_empty_with_jobs_queued_and_running(
 ) -> None:
     key = farm.create_user("redis-empty", "100")
     job_ids = [submit(farm, key, QUICK | {"steps": 12, "seed": s}) for s in range(8)]
-    wait_running_on(farm, job_ids[0])
+
+    def some_running_some_queued() -> bool:
+        states = [job_of(farm, job_id).state for job_id in job_ids]
+        return JobState.RUNNING in states and JobState.QUEUED in states
+
+    wait_for(some_running_some_queued, 60, "jobs running and jobs queued")
     dispatcher_log = len(farm.log(farm.api, "dispatcher"))
     farm.kill(farm.data, "redis")
     time.sleep(2)

@@ -44,7 +44,7 @@ from tests.processes import FarmProcesses, farm_env, wait_for
 from worker.app import heartbeat_loop, worker_info
 from worker.busy import BusyMeter
 from worker.context import WorkerContext
-from worker.outcome import OUT_OF_MEMORY, RENDER_FAILED
+from worker.outcome import OUT_OF_MEMORY, RENDER_FAILED, STORE_UNREACHABLE
 from worker.pipeline import KolorsRenderer, StepCallback, StopCheck
 from worker.render import run_render_job, start_render_job
 
@@ -280,7 +280,7 @@ def test_the_task_returns_before_its_job_settles_and_the_next_job_renders_meanwh
     ]
 
 
-def test_a_job_costs_its_claim_and_one_transaction_per_image(
+def test_a_job_costs_its_claim_and_one_write_per_image(
     context: WorkerContext, alice: ApiUser, sessions: sessionmaker[Session]
 ) -> None:
     engine = sessions.kw["bind"]
@@ -296,10 +296,11 @@ def test_a_job_costs_its_claim_and_one_transaction_per_image(
         run_render_job(context, job_id)
     finally:
         event.remove(engine, "commit", on_commit)
-    # The claim, then one per image; the last image's also ends the job. (A lease renewal
-    # may fall in between on a slow machine: it is the lease keeper's, not the job's.)
+    # The claim, then for each image a read of the claim just before its upload and one
+    # write; the last image's write also ends the job. (A lease renewal may fall in
+    # between on a slow machine: it is the lease keeper's, not the job's.)
     job_transactions = [name for name in transactions if name != "lease"]
-    assert job_transactions == ["MainThread", "post-process", "post-process", "post-process"]
+    assert job_transactions == ["MainThread", *["post-process"] * 6]
     job = load(context, job_id)
     assert job.state == "COMPLETED" and job.images_done == 3 and job.finished_at is not None
 
@@ -338,6 +339,7 @@ def test_a_store_failure_fails_the_job_and_stops_its_render_but_not_the_worker(
         raise StorageError("the bucket is gone")
 
     storage(context).before_put = fail_once_the_next_image_renders
+    context.settings = context.settings.model_copy(update={"store_retry_s": 0.0})  # no retry
     # The second render goes on only once the job has failed, so it must stop mid-render.
     watch.at_step = lambda seeds, step: (
         wait_until(lambda: job_row(context.sessions, job_id)[0] == "FAILED")
@@ -349,7 +351,7 @@ def test_a_store_failure_fails_the_job_and_stops_its_render_but_not_the_worker(
     assert watch.calls == [[500], [501]]
     assert timeline.kinds("interrupted") == ["501"]
     failed = load(context, job_id)
-    assert (failed.state, failed.error, failed.images) == ("FAILED", RENDER_FAILED, [])
+    assert (failed.state, failed.error, failed.images) == ("FAILED", STORE_UNREACHABLE, [])
     with transaction(context.sessions) as session:
         assert get_balance(session, alice.principal.user_id) == 10_000
         assert ledger_balance(session, alice.principal.user_id) == 10_000

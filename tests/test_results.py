@@ -29,7 +29,7 @@ from shared.accounts.ledger import get_balance, ledger_balance
 from shared.db import transaction
 from shared.errors import ExpiredLink, InvalidLink
 from shared.jobs.imaging import read_generation_record
-from shared.jobs.transitions import claim_job, finish_job, record_image
+from shared.jobs.transitions import claim_job, finish_job, reclaim_claims_of, record_image
 from shared.links import (
     KEY_FILE,
     ImageLink,
@@ -412,6 +412,41 @@ def test_a_store_that_fails_a_while_is_retried_and_the_job_completes(
     assert (job.state, len(job.images)) == ("COMPLETED", 1)
     assert storage.puts == 3
     assert storage.get(job.images[0].storage_key)[:4] == b"RIFF"  # webp, stored once it worked
+
+
+class ClaimLostDuringAnOutage(LocalStorage):
+    """Local files whose first put fails while the dispatcher gives the job's claim back."""
+
+    def __init__(self, root: Path, sessions: sessionmaker[Session], worker: str) -> None:
+        super().__init__(root)
+        self.sessions = sessions
+        self.worker = worker
+        self.puts = 0
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self.puts += 1
+        if self.puts == 1:
+            with transaction(self.sessions) as session:
+                reclaim_claims_of(session, [self.worker], max_attempts=3)
+            raise ConnectionError("the store is away")
+        super().put(key, data, content_type)
+
+
+def test_an_attempt_that_lost_its_claim_while_retrying_a_store_stores_nothing(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    renderer: KolorsRenderer,
+    alice: ApiUser,
+    tmp_path: Path,
+) -> None:
+    storage = ClaimLostDuringAnOutage(tmp_path / "results", sessions, "results-worker")
+    context = worker_context(settings, sessions, renderer, storage)
+    context.settings = context.settings.model_copy(update={"store_retry_s": 30.0})
+    job = render(context, alice, number_of_images=1)
+    # Requeued for another attempt: this one's retry asked first and uploaded nothing.
+    assert (job.state, job.images) == ("QUEUED", [])
+    assert storage.puts == 1
+    assert [path for path in (tmp_path / "results").rglob("*") if path.is_file()] == []
 
 
 @pytest.fixture

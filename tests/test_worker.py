@@ -27,6 +27,7 @@ from shared.settings import Settings
 from shared.storage import LocalStorage
 from tests.conftest import ApiUser, release_job
 from worker.context import WorkerContext
+from worker.outcome import STORE_UNREACHABLE
 from worker.pipeline import KolorsRenderer
 from worker.render import run_render_job
 
@@ -155,9 +156,10 @@ def test_storage_failure_fails_the_job_and_releases_credits(
     blocker = tmp_path / "blocked"
     blocker.write_text("a file where the results folder should be")
     context.storage = LocalStorage(blocker)
+    context.settings = context.settings.model_copy(update={"store_retry_s": 0.0})  # no retry
     job = render(context, alice, number_of_images=2)
     assert job.state == "FAILED"
-    assert job.error == "The render failed on the worker; the credits were released"
+    assert job.error == STORE_UNREACHABLE
     assert job.images == []
     with transaction(context.sessions) as session:
         assert get_balance(session, alice.principal.user_id) == 10_000

@@ -24,10 +24,12 @@ from PIL import Image
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from shared.db import read_only
 from shared.errors import StaleAttempt
 from shared.jobs.cache import cache_key
 from shared.jobs.effects import Counted, after_commit
 from shared.jobs.imaging import encode_image
+from shared.jobs.queries import attempt_holds
 from shared.jobs.transitions import (
     RenderSpec,
     fail_job,
@@ -272,6 +274,8 @@ def _store(context: WorkerContext, run: JobRun, key: str, data: bytes, content_t
     give_up_at = time.monotonic() + context.settings.store_retry_s
     delay_s = STORE_FIRST_BACKOFF_S
     while True:
+        if not _still_holds(context, run):
+            raise StaleAttempt(run.spec.job_id)
         try:
             context.storage.put(key, data, content_type)
             return
@@ -286,6 +290,22 @@ def _store(context: WorkerContext, run: JobRun, key: str, data: bytes, content_t
         if run.lease.lost.wait(delay_s):
             raise StaleAttempt(run.spec.job_id)
         delay_s = min(STORE_MAX_BACKOFF_S, delay_s * 2)
+
+
+def _still_holds(context: WorkerContext, run: JobRun) -> bool:
+    """Whether the attempt still holds its job, asked just before an upload.
+
+    The object's key is the job's, not the attempt's: an attempt that lost its claim
+    (a host cut off and back) must not overwrite the images of the attempt that owns
+    the job now, nor leave an object that no record names. Writes stay fenced in any
+    case; this keeps the store as clean. With the database away it cannot tell: the
+    upload goes ahead and its record is fenced as always.
+    """
+    try:
+        with read_only(context.sessions) as session:
+            return attempt_holds(session, run.spec.job_id, run.spec.attempt)
+    except (OperationalError, InterfaceError):
+        return True
 
 
 def _fail(context: WorkerContext, run: JobRun, error: str) -> None:

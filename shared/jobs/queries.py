@@ -56,6 +56,16 @@ def job_state(session: Session, job_id: str) -> JobState:
     return JobState(session.execute(select(Job.state).where(Job.id == job_id)).scalar_one())
 
 
+def attempt_holds(session: Session, job_id: str, attempt: int) -> bool:
+    """Whether `attempt` still holds the running job (its claim not given to another)."""
+    held = session.scalar(
+        select(Job.id).where(
+            Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value
+        )
+    )
+    return held is not None
+
+
 def public_status(job: Job) -> str:
     """Segmind's four states: QUEUED, PROCESSING, COMPLETED, FAILED."""
     return PUBLIC_STATUS[JobState(job.state)]
