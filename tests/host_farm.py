@@ -44,6 +44,7 @@ S3_PORT = 9000
 API_PORT = 8000
 BUCKET = "kolors-results"
 FAKETIME_LIBRARY = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+FAKETIME_SITE = Path(__file__).parent / "faketime_site"
 
 
 def faketime_env(offset_s: int) -> dict[str, str]:
@@ -56,6 +57,8 @@ def faketime_env(offset_s: int) -> dict[str, str]:
         "LD_PRELOAD": str(FAKETIME_LIBRARY),
         "FAKETIME": f"{offset_s:+d}",
         "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        # time.sleep fails under that setting; this folder's sitecustomize replaces it.
+        "PYTHONPATH": f"{FAKETIME_SITE}{os.pathsep}{REPO}",
     }
 
 
