@@ -220,7 +220,7 @@ class EventHub:
         backoff = 0.5
         while True:
             client = make_redis(self._redis_url)
-            pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+            pubsub = client.pubsub()
             try:
                 pubsub.subscribe(EVENTS_CHANNEL)
                 while True:

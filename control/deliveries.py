@@ -107,7 +107,7 @@ def sweep_loop(resources: Resources, app: Celery, stop: threading.Event) -> None
             log.exception("webhook sweep failed; retrying")
         try:
             if pubsub is None:
-                pubsub = resources.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub = resources.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.psubscribe(job_channel("*"))
             # Woken by any job's end notice, else the interval passes.
             if pubsub.get_message(timeout=interval) is not None:

@@ -101,7 +101,7 @@ def test_a_job_from_claim_to_end_records_each_effect_once(
             session, job_id, 1, 0, seed=1, storage_key="k0", content_type="x", size_bytes=1
         )
         assert pending_effects(session) == [ImageDelivered(tenant, price)]
-    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(job_channel(job_id))
     with transaction(sessions) as session:
         state = record_image(

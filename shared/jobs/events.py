@@ -160,7 +160,7 @@ def wait_for_job(
     happens between the two is never missed.
     """
     deadline = time.monotonic() + timeout_s
-    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
     try:
         pubsub.subscribe(job_channel(job_id))
         if is_finished():
