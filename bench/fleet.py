@@ -605,13 +605,16 @@ class StatementCounter:
     def __init__(self) -> None:
         self.phase: str | None = None
         self.counts: dict[str, Counter[str]] = defaultdict(Counter)
+        self.texts: dict[str, Counter[str]] = defaultdict(Counter)
 
     def _count(self, what: str) -> None:
         if self.phase is not None:
             self.counts[self.phase][what] += 1
 
-    def on_statement(self, *_: Any) -> None:
+    def on_statement(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         self._count("statements")
+        if self.phase is not None:
+            self.texts[self.phase][" ".join(statement.split())[:160]] += 1
 
     def on_commit(self, *_: Any) -> None:
         self._count("commits")
@@ -789,6 +792,13 @@ def count_statements(jobs: int, images: int, batch: int = 8) -> dict[str, Any]:
         "release_per_pass": per_pass,
         "per_job_1_image": total(1),
         f"per_job_{images}_images": total(images),
+        "statements_by_kind": {
+            name: {
+                text: round(n / max(occurrences[name], 1), 2)
+                for text, n in counter.texts[name].most_common(12)
+            }
+            for name in kinds
+        },
         "redis_commands_by_kind": {
             name: {
                 cmd.removeprefix("cmdstat_"): round(n / max(occurrences[name], 1), 2)

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from functools import wraps
 from typing import Any, Final, ParamSpec, TypeVar
 
-from sqlalchemy import Float, cast, func, select, update
+from sqlalchemy import Float, case, cast, func, literal, select, true, update
 from sqlalchemy.orm import Session
 
 from shared.models import ACTIVE_LINE, WAITING, Job, TenantQueue, User, UserQueue
@@ -268,46 +268,61 @@ def refresh_tenant(session: Session, tenant_id: int) -> None:
     """Recompute a tenant's queue from its users' lines (one row per active user).
 
     Its next job is its users' first jobs' minimum by (in_flight + 1) / weight, then
-    age: the order `shared.scheduling.fairshare` gives a tenant's users.
+    age: the order `shared.scheduling.fairshare` gives a tenant's users. Two
+    statements: the row lock, then one UPDATE computing everything else.
     """
-    weight = session.execute(
-        select(TenantQueue.weight).where(TenantQueue.tenant_id == tenant_id).with_for_update()
-    ).scalar_one()
-    sums = session.execute(
-        select(
-            func.coalesce(func.sum(UserQueue.waiting), 0),
-            func.coalesce(func.sum(UserQueue.in_flight), 0),
-            func.coalesce(func.sum(UserQueue.waiting_work), 0),
-            func.min(UserQueue.head_created_at),
-            func.max(UserQueue.tail_created_at),
-        ).where(UserQueue.tenant_id == tenant_id, ACTIVE_LINE)
+    # The lock is a statement of its own: under READ COMMITTED the UPDATE's snapshot
+    # is taken after the lock is granted, so it sees the lines of a refresh that
+    # committed while this one waited (an UPDATE that waits re-reads only its row).
+    session.execute(
+        select(TenantQueue.tenant_id).where(TenantQueue.tenant_id == tenant_id).with_for_update()
     ).one()
-    waiting, in_flight, work, oldest, newest = sums
-    first = None
-    if waiting:
-        first = session.execute(
-            select(UserQueue.user_id, UserQueue.head_job_id, UserQueue.head_created_at)
-            .join(User, User.id == UserQueue.user_id)
-            .where(UserQueue.tenant_id == tenant_id, UserQueue.waiting > 0)
-            .order_by(
-                cast(UserQueue.in_flight + 1, Float) / User.weight,
-                UserQueue.head_created_at,
-                UserQueue.head_job_id,
-            )
-            .limit(1)
-        ).one()
+    sums = (
+        select(
+            literal(tenant_id).label("tenant_id"),
+            func.coalesce(func.sum(UserQueue.waiting), 0).label("waiting"),
+            func.coalesce(func.sum(UserQueue.in_flight), 0).label("in_flight"),
+            func.coalesce(func.sum(UserQueue.waiting_work), 0).label("work"),
+            func.min(UserQueue.head_created_at).label("oldest"),
+            func.max(UserQueue.tail_created_at).label("newest"),
+        )
+        .where(UserQueue.tenant_id == tenant_id, ACTIVE_LINE)
+        .subquery("line_sums")
+    )
+    first = (
+        select(UserQueue.user_id, UserQueue.head_job_id, UserQueue.head_created_at)
+        .join(User, User.id == UserQueue.user_id)
+        .where(UserQueue.tenant_id == tenant_id, UserQueue.waiting > 0)
+        .order_by(
+            cast(UserQueue.in_flight + 1, Float) / User.weight,
+            UserQueue.head_created_at,
+            UserQueue.head_job_id,
+        )
+        .limit(1)
+        .subquery("first_job")
+    )
+    # One row whether or not anyone waits: the sums LEFT JOIN the first job.
+    now = (
+        select(sums, first.c.user_id, first.c.head_job_id, first.c.head_created_at)
+        .select_from(sums.outerjoin(first, true()))
+        .subquery("tenant_now")
+    )
+    waiting = now.c.waiting > 0
     session.execute(
         update(TenantQueue)
-        .where(TenantQueue.tenant_id == tenant_id)
+        .where(TenantQueue.tenant_id == now.c.tenant_id)
         .values(
-            waiting=waiting,
-            in_flight=in_flight,
-            waiting_work=work,
-            first_vt=(in_flight + 1) / weight if waiting else None,
-            first_user_id=first.user_id if first else None,
-            first_job_id=first.head_job_id if first else None,
-            first_created_at=first.head_created_at if first else None,
-            oldest_created_at=oldest if waiting else None,
-            newest_created_at=newest if waiting else None,
+            waiting=now.c.waiting,
+            in_flight=now.c.in_flight,
+            waiting_work=now.c.work,
+            first_vt=case(
+                (waiting, cast(now.c.in_flight + 1, Float) / TenantQueue.weight), else_=None
+            ),
+            first_user_id=now.c.user_id,
+            first_job_id=now.c.head_job_id,
+            first_created_at=now.c.head_created_at,
+            oldest_created_at=case((waiting, now.c.oldest), else_=None),
+            newest_created_at=case((waiting, now.c.newest), else_=None),
         )
+        .execution_options(synchronize_session=False)
     )
