@@ -743,6 +743,7 @@ def count_statements(jobs: int, images: int, batch: int = 8) -> dict[str, Any]:
                                         size_bytes=1000,
                                         generation={"model": "simulated"},
                                         finish=last,
+                                        user_id=spec.user_id,
                                     )
                                 occurrences[name] += 1
                             done += 1

@@ -252,6 +252,7 @@ def _store_and_record(context: WorkerContext, item: RenderedImage) -> None:
                 finish=item.finish is not None,
                 stopped_because=item.finish.stopped_because if item.finish is not None else None,
                 cache_key=image_key,
+                user_id=spec.user_id,
             ),
         ),
     )

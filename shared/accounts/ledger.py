@@ -102,9 +102,15 @@ def hold_credits(session: Session, user_id: int, job_id: str, amount: int) -> in
     return balance
 
 
-def capture_image_credit(session: Session, user_id: int, job_id: str, amount: int) -> None:
-    """Spend `amount` of a job's hold for one delivered image."""
-    outstanding = held_for_job(session, job_id)
+def capture_image_credit(
+    session: Session, user_id: int, job_id: str, amount: int, *, held: int | None = None
+) -> None:
+    """Spend `amount` of a job's hold for one delivered image.
+
+    `held` is what the job still holds, when the caller read it from the job's row in
+    this transaction (price x undelivered images); otherwise it is summed from the ledger.
+    """
+    outstanding = held_for_job(session, job_id) if held is None else held
     if amount > outstanding:
         raise ValueError(f"capture of {amount} exceeds the {outstanding} held for job {job_id}")
     _record(
@@ -119,9 +125,12 @@ def capture_image_credit(session: Session, user_id: int, job_id: str, amount: in
     )
 
 
-def release_hold(session: Session, user_id: int, job_id: str) -> int:
-    """Return whatever is still held for a job to the balance; return the amount released."""
-    outstanding = held_for_job(session, job_id)
+def release_hold(session: Session, user_id: int, job_id: str, *, held: int | None = None) -> int:
+    """Return whatever is still held for a job to the balance; return the amount released.
+
+    `held` as for `capture_image_credit`.
+    """
+    outstanding = held_for_job(session, job_id) if held is None else held
     if outstanding <= 0:
         return 0
     session.execute(

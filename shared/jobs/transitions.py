@@ -66,6 +66,7 @@ from shared.scheduling.lines import (
     leave_for_good,
     lock_line,
     lock_line_of_job,
+    lock_lines,
     next_submission_time,
     note_submission,
     release_from_line,
@@ -130,6 +131,15 @@ def image_storage_key(tenant_id: int, job_id: str, index: int, output_format: st
     return f"{tenant_id}/{job_id}/{index}.{EXTENSIONS[output_format]}"
 
 
+def _still_held(row: Any) -> int:
+    """What a rendered job still holds: its price for each image not yet delivered.
+
+    Its hold was the price of every image and each delivered image captured one
+    price, in the transaction that counted it (the audit checks both).
+    """
+    return int(row.price_per_image * (row.number_of_images - row.images_done))
+
+
 def pixel_steps(params: KolorsParams) -> int:
     """A request's size: width x height x steps x images."""
     return params.width * params.height * params.steps * params.number_of_images
@@ -154,6 +164,9 @@ def _end_job(
             Job.tenant_id,
             Job.webhook_url,
             Job.webhook_events,
+            Job.price_per_image,
+            Job.number_of_images,
+            Job.images_done,
         )
     ).first()
     if row is None:
@@ -163,7 +176,7 @@ def _end_job(
     released = row.released_at is not None
     leave_for_good(session, line, job_id, row.queue_seq, row.work, released)
     save_line(session, line)
-    release_hold(session, line.user_id, job_id)
+    release_hold(session, line.user_id, job_id, held=_still_held(row))
     state: str = row.state
     after_commit(session, JobEnded(job_id, row.tenant_id, state, freed_slot=released))
     return state
@@ -325,26 +338,35 @@ def _complete_from_cache(
 
 @keeps_tenants
 def release_jobs(session: Session, jobs: list[QueuedJob]) -> list[str]:
-    """Mark jobs released (in flight), in the order given; return those still waiting."""
-    released_at = database_now(session)
-    released: set[str] = set()
-    by_user: dict[int, list[QueuedJob]] = {}
-    for job in jobs:
-        by_user.setdefault(job.user_id, []).append(job)
-    for user_id in sorted(by_user):  # lines in one order: no lock cycle with anyone
-        line = lock_line(session, user_id)
-        for job in by_user[user_id]:
-            row = session.execute(
-                update(Job)
-                .where(Job.id == job.job_id, WAITING, Job.cancel_requested.is_(False))
-                .values(released_at=released_at)
-                .returning(Job.queue_seq, Job.work)
-            ).first()
-            if row is None:
-                continue
-            release_from_line(session, line, job.job_id, row.queue_seq, row.work)
-            released.add(job.job_id)
+    """Mark jobs released (in flight), in the order given; return those still waiting.
+
+    A bounded number of statements for the whole batch: one locking every line, one
+    releasing every job, then one per line and two per tenant.
+    """
+    if not jobs:
+        return []
+    lines = lock_lines(session, {job.user_id for job in jobs})
+    rows = session.execute(
+        update(Job)
+        .where(Job.id.in_([job.job_id for job in jobs]), WAITING, Job.cancel_requested.is_(False))
+        .values(released_at=database_now(session))
+        .returning(Job.id, Job.user_id, Job.queue_seq, Job.work)
+    ).all()
+    by_user: dict[int, list[Any]] = {}
+    for row in rows:
+        by_user.setdefault(row.user_id, []).append(row)
+    for user_id in sorted(by_user):
+        line = lines[user_id]
+        # Numbers as they were before any of these left: taken in line order, each one
+        # that closes its gap from behind moves the later ones forward by one.
+        moved_forward = 0
+        for row in sorted(by_user[user_id], key=lambda row: row.queue_seq):
+            seq = row.queue_seq - moved_forward
+            if seq - line.head_seq > line.waiting - 1 - (seq - line.head_seq):
+                moved_forward += 1
+            release_from_line(session, line, row.id, seq, row.work)
         save_line(session, line)
+    released = {row.id for row in rows}
     return [job.job_id for job in jobs if job.job_id in released]
 
 
@@ -465,24 +487,35 @@ def record_image(
     finish: bool = False,
     stopped_because: str | None = None,
     cache_key: str | None = None,
+    user_id: int | None = None,
 ) -> JobState | None:
     """Record one stored image and capture its price; StaleAttempt if the claim was lost.
 
     `cache_key` (shared.jobs.cache) lets an identical request be answered with this image.
+    `user_id`, the job's owner when the caller knows it, saves looking it up.
 
     With `finish`, the job also ends in the same transaction (its last image): one
     commit instead of two. Returns the state it ended in, else None.
     """
     # Ending locks the user's line, which must come before the job row (see the module).
-    line = lock_line_of_job(session, job_id) if finish else None
+    line = None
+    if finish:
+        line = lock_line_of_job(session, job_id) if user_id is None else lock_line(session, user_id)
     row = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
         .values(images_done=Job.images_done + 1)
-        .returning(Job.user_id, Job.tenant_id, Job.price_per_image)
+        .returning(
+            Job.user_id,
+            Job.tenant_id,
+            Job.price_per_image,
+            Job.number_of_images,
+            Job.images_done,
+        )
     ).first()
     if row is None:
         raise StaleAttempt(f"job {job_id} is no longer held by attempt {attempt}")
+    assert line is None or line.user_id == row.user_id, "the line locked is the job's user's"
     session.add(
         JobImage(
             job_id=job_id,
@@ -496,7 +529,9 @@ def record_image(
             cache_key=cache_key,
         )
     )
-    capture_image_credit(session, row.user_id, job_id, row.price_per_image)
+    # `images_done` already counts this image: the hold covered one more before it.
+    held = _still_held(row) + row.price_per_image
+    capture_image_credit(session, row.user_id, job_id, row.price_per_image, held=held)
     after_commit(session, ImageDelivered(row.tenant_id, row.price_per_image))
     if line is None:
         return None

@@ -14,7 +14,7 @@ one line at a time, so transactions never wait on each other in a cycle.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import wraps
@@ -46,22 +46,20 @@ class Line:
     ends_moved: bool = False
 
 
-def lock_line(session: Session, user_id: int) -> Line:
-    """Lock the user's line (PostgreSQL row lock; SQLite's write lock is already held)."""
-    row = session.execute(
-        select(
-            UserQueue.tenant_id,
-            UserQueue.waiting,
-            UserQueue.in_flight,
-            UserQueue.waiting_work,
-            UserQueue.head_seq,
-            UserQueue.last_created_at,
-        )
-        .where(UserQueue.user_id == user_id)
-        .with_for_update()
-    ).one()
+_LINE_COLUMNS: Final = (
+    UserQueue.user_id,
+    UserQueue.tenant_id,
+    UserQueue.waiting,
+    UserQueue.in_flight,
+    UserQueue.waiting_work,
+    UserQueue.head_seq,
+    UserQueue.last_created_at,
+)
+
+
+def _line(row: Any) -> Line:
     return Line(
-        user_id,
+        row.user_id,
         row.tenant_id,
         row.waiting,
         row.in_flight,
@@ -69,6 +67,26 @@ def lock_line(session: Session, user_id: int) -> Line:
         row.head_seq,
         row.last_created_at,
     )
+
+
+def lock_line(session: Session, user_id: int) -> Line:
+    """Lock the user's line (PostgreSQL row lock; SQLite's write lock is already held)."""
+    row = session.execute(
+        select(*_LINE_COLUMNS).where(UserQueue.user_id == user_id).with_for_update()
+    ).one()
+    return _line(row)
+
+
+def lock_lines(session: Session, user_ids: Collection[int]) -> dict[int, Line]:
+    """Lock several users' lines in one statement, in user id order (the lock order)."""
+    # PostgreSQL locks the rows as the sort hands them over, so in user id order.
+    rows = session.execute(
+        select(*_LINE_COLUMNS)
+        .where(UserQueue.user_id.in_(sorted(user_ids)))
+        .order_by(UserQueue.user_id)
+        .with_for_update()
+    )
+    return {row.user_id: _line(row) for row in rows}
 
 
 def lock_line_of_job(session: Session, job_id: str) -> Line | None:
@@ -86,27 +104,30 @@ def save_line(session: Session, line: Line) -> None:
         "head_seq": line.head_seq,
         "last_created_at": line.last_created_at,
     }
-    if line.ends_moved:
-        ends = {
-            row.queue_seq: row
-            for row in session.execute(
-                select(Job.id, Job.created_at, Job.queue_seq).where(
-                    WAITING,
-                    Job.user_id == line.user_id,
-                    Job.queue_seq.in_([line.head_seq, line.head_seq + line.waiting - 1]),
-                )
-            )
-        }
-        head = ends.get(line.head_seq) if line.waiting else None
-        tail = ends.get(line.head_seq + line.waiting - 1) if line.waiting else None
+    if line.ends_moved and line.waiting:
+        # The ends' ids and ages, read by the same statement (one index probe each).
+        head, tail = line.head_seq, line.head_seq + line.waiting - 1
         values |= {
-            "head_job_id": head.id if head else None,
-            "head_created_at": head.created_at if head else None,
-            "tail_job_id": tail.id if tail else None,
-            "tail_created_at": tail.created_at if tail else None,
+            "head_job_id": _waiting_job(line.user_id, head, Job.id),
+            "head_created_at": _waiting_job(line.user_id, head, Job.created_at),
+            "tail_job_id": _waiting_job(line.user_id, tail, Job.id),
+            "tail_created_at": _waiting_job(line.user_id, tail, Job.created_at),
         }
+    elif line.ends_moved:
+        values |= dict.fromkeys(
+            ("head_job_id", "head_created_at", "tail_job_id", "tail_created_at"), None
+        )
     session.execute(update(UserQueue).where(UserQueue.user_id == line.user_id).values(**values))
     tenant_changed(session, line.tenant_id)
+
+
+def _waiting_job(user_id: int, seq: int, column: Any) -> Any:
+    """A column of the user's waiting job numbered `seq`, as a scalar subquery."""
+    return (
+        select(column)
+        .where(WAITING, Job.user_id == user_id, Job.queue_seq == seq)
+        .scalar_subquery()
+    )
 
 
 def next_submission_time(line: Line, now: datetime) -> datetime:
