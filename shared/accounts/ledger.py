@@ -6,9 +6,10 @@ makes a hold and the job it pays for appear together or not at all.
 
 from __future__ import annotations
 
-from typing import Any
+import typing
+from typing import Any, Final
 
-from sqlalchemy import func, select, update
+from sqlalchemy import BigInteger, Table, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -24,32 +25,64 @@ _USAGE_COLUMN = {
 }
 
 
-def _record(session: Session, entry: LedgerEntry) -> None:
+_ENTRIES: Final = typing.cast(Table, LedgerEntry.__table__)
+_USAGE: Final = typing.cast(Table, UsageDay.__table__)
+_USERS: Final = typing.cast(Table, User.__table__)
+_INSERT_ENTRY: Final = insert(_ENTRIES)
+# Built once per dialect and column: the ledger writes on every image of every job.
+_usage_upserts: dict[tuple[str, str], Any] = {}
+
+
+def _usage_upsert(dialect: str, column: str) -> Any:
+    """The statement adding `amount` to a user's usage `column` for `day` (made if missing)."""
+    statement = _usage_upserts.get((dialect, column))
+    if statement is None:
+        dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        amount = bindparam("usage_amount", type_=BigInteger)
+        statement = (
+            dialect_insert(_USAGE)
+            .values(
+                tenant_id=select(_USERS.c.tenant_id)
+                .where(_USERS.c.id == bindparam("usage_user_id"))
+                .scalar_subquery(),
+                user_id=bindparam("usage_user_id"),
+                day=bindparam("usage_day"),
+                **{column: amount},
+            )
+            .on_conflict_do_update(
+                index_elements=[_USAGE.c.user_id, _USAGE.c.day],
+                set_={column: _USAGE.c[column] + amount},
+            )
+        )
+        _usage_upserts[(dialect, column)] = statement
+    return statement
+
+
+def _record(
+    session: Session,
+    kind: LedgerKind,
+    user_id: int,
+    available_delta: int,
+    held_delta: int,
+    job_id: str | None = None,
+    note: str | None = None,
+) -> None:
     """Append a ledger entry and add it to its user's usage for today, in one transaction."""
-    session.add(entry)
-    kind = LedgerKind(entry.kind)
-    column = _USAGE_COLUMN[kind]
+    entry = {
+        "user_id": user_id,
+        "job_id": job_id,
+        "kind": kind.value,
+        "available_delta": available_delta,
+        "held_delta": held_delta,
+        "note": note,
+    }
+    session.execute(_INSERT_ENTRY, entry)
     # Every kind moves one positive amount: grants and releases into the balance,
     # holds into the hold, captures out of it.
-    amount = (
-        entry.available_delta
-        if kind in (LedgerKind.GRANT, LedgerKind.RELEASE)
-        else (abs(entry.held_delta))
-    )
-    values: dict[str, Any] = {
-        "tenant_id": select(User.tenant_id).where(User.id == entry.user_id).scalar_subquery(),
-        "user_id": entry.user_id,
-        "day": utcnow().date(),
-        column: amount,
-    }
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(UsageDay).values(**values)
+    amount = available_delta if kind in (LedgerKind.GRANT, LedgerKind.RELEASE) else abs(held_delta)
+    upsert = _usage_upsert(session.get_bind().dialect.name, _USAGE_COLUMN[kind])
     session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[UsageDay.user_id, UsageDay.day],
-            set_={column: getattr(UsageDay, column) + amount},
-        )
+        upsert, {"usage_user_id": user_id, "usage_day": utcnow().date(), "usage_amount": amount}
     )
 
 
@@ -65,16 +98,7 @@ def grant_credits(session: Session, user_id: int, amount: int, note: str | None 
     ).scalar_one_or_none()
     if balance is None:
         raise NotFound(f"No user with id {user_id}")
-    _record(
-        session,
-        LedgerEntry(
-            user_id=user_id,
-            kind=LedgerKind.GRANT.value,
-            available_delta=amount,
-            held_delta=0,
-            note=note,
-        ),
-    )
+    _record(session, LedgerKind.GRANT, user_id, available_delta=amount, held_delta=0, note=note)
     return balance
 
 
@@ -89,16 +113,7 @@ def hold_credits(session: Session, user_id: int, job_id: str, amount: int) -> in
     ).scalar_one_or_none()
     if balance is None:
         raise NotEnoughCredits()
-    _record(
-        session,
-        LedgerEntry(
-            user_id=user_id,
-            job_id=job_id,
-            kind=LedgerKind.HOLD.value,
-            available_delta=-amount,
-            held_delta=amount,
-        ),
-    )
+    _record(session, LedgerKind.HOLD, user_id, -amount, amount, job_id=job_id)
     return balance
 
 
@@ -113,16 +128,7 @@ def capture_image_credit(
     outstanding = held_for_job(session, job_id) if held is None else held
     if amount > outstanding:
         raise ValueError(f"capture of {amount} exceeds the {outstanding} held for job {job_id}")
-    _record(
-        session,
-        LedgerEntry(
-            user_id=user_id,
-            job_id=job_id,
-            kind=LedgerKind.CAPTURE.value,
-            available_delta=0,
-            held_delta=-amount,
-        ),
-    )
+    _record(session, LedgerKind.CAPTURE, user_id, 0, -amount, job_id=job_id)
 
 
 def release_hold(session: Session, user_id: int, job_id: str, *, held: int | None = None) -> int:
@@ -136,16 +142,7 @@ def release_hold(session: Session, user_id: int, job_id: str, *, held: int | Non
     session.execute(
         update(User).where(User.id == user_id).values(balance=User.balance + outstanding)
     )
-    _record(
-        session,
-        LedgerEntry(
-            user_id=user_id,
-            job_id=job_id,
-            kind=LedgerKind.RELEASE.value,
-            available_delta=outstanding,
-            held_delta=-outstanding,
-        ),
-    )
+    _record(session, LedgerKind.RELEASE, user_id, outstanding, -outstanding, job_id=job_id)
     return outstanding
 
 

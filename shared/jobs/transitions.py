@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import secrets
 import time
+import typing
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import Table, bindparam, case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from shared.accounts.ledger import capture_image_credit, hold_credits, release_hold
@@ -82,6 +83,64 @@ _LIVE: Final = (JobState.QUEUED.value, JobState.RUNNING.value)
 # A rendered job whose cancel arrived mid-render ends CANCELLED, keeping what it delivered.
 _FINISHED_STATE = case(
     (Job.cancel_requested.is_(True), JobState.CANCELLED.value), else_=JobState.COMPLETED.value
+)
+
+
+# The statements every job runs, built once as Core statements with bound parameters
+# (building an ORM statement per call cost more CPU than running it).
+_JOBS: Final = typing.cast(Table, Job.__table__)
+_jobs = _JOBS.c
+_INSERT_IMAGE: Final = insert(typing.cast(Table, JobImage.__table__))
+_RELEASE: Final = (
+    update(_JOBS)
+    .where(
+        _jobs.id.in_(bindparam("release_ids", expanding=True)),
+        WAITING,
+        _jobs.cancel_requested.is_(False),
+    )
+    .values(released_at=bindparam("release_at", type_=_jobs.released_at.type))
+    .returning(_jobs.id, _jobs.user_id, _jobs.queue_seq, _jobs.work)
+)
+_CLAIM: Final = (
+    update(_JOBS)
+    .where(_jobs.id == bindparam("claim_job_id"), RELEASED, _jobs.cancel_requested.is_(False))
+    .values(
+        state=JobState.RUNNING.value,
+        attempt=_jobs.attempt + 1,
+        worker=bindparam("claim_worker", type_=_jobs.worker.type),
+        started_at=func.coalesce(
+            _jobs.started_at, bindparam("claim_now", type_=_jobs.started_at.type)
+        ),
+        lease_expires_at=bindparam("claim_lease_until", type_=_jobs.lease_expires_at.type),
+    )
+    .returning(
+        _jobs.attempt,
+        _jobs.user_id,
+        _jobs.tenant_id,
+        _jobs.params,
+        _jobs.seed,
+        _jobs.deadline_at,
+        _jobs.webhook_url,
+        _jobs.webhook_events,
+        _jobs.created_at,
+        _jobs.started_at,
+    )
+)
+_COUNT_IMAGE: Final = (
+    update(_JOBS)
+    .where(
+        _jobs.id == bindparam("image_job_id"),
+        _jobs.attempt == bindparam("image_attempt"),
+        _jobs.state == JobState.RUNNING.value,
+    )
+    .values(images_done=_jobs.images_done + 1)
+    .returning(
+        _jobs.user_id,
+        _jobs.tenant_id,
+        _jobs.price_per_image,
+        _jobs.number_of_images,
+        _jobs.images_done,
+    )
 )
 
 
@@ -347,10 +406,8 @@ def release_jobs(session: Session, jobs: list[QueuedJob]) -> list[str]:
         return []
     lines = lock_lines(session, {job.user_id for job in jobs})
     rows = session.execute(
-        update(Job)
-        .where(Job.id.in_([job.job_id for job in jobs]), WAITING, Job.cancel_requested.is_(False))
-        .values(released_at=database_now(session))
-        .returning(Job.id, Job.user_id, Job.queue_seq, Job.work)
+        _RELEASE,
+        {"release_ids": [job.job_id for job in jobs], "release_at": database_now(session)},
     ).all()
     by_user: dict[int, list[Any]] = {}
     for row in rows:
@@ -404,29 +461,13 @@ def claim_job(session: Session, job_id: str, worker: str, lease: timedelta) -> R
     stray message, decides what starts.
     """
     now = database_now(session)
-    row = session.execute(
-        update(Job)
-        .where(Job.id == job_id, RELEASED, Job.cancel_requested.is_(False))
-        .values(
-            state=JobState.RUNNING.value,
-            attempt=Job.attempt + 1,
-            worker=worker,
-            started_at=func.coalesce(Job.started_at, now),
-            lease_expires_at=now + lease,
-        )
-        .returning(
-            Job.attempt,
-            Job.user_id,
-            Job.tenant_id,
-            Job.params,
-            Job.seed,
-            Job.deadline_at,
-            Job.webhook_url,
-            Job.webhook_events,
-            Job.created_at,
-            Job.started_at,
-        )
-    ).first()
+    claim = {
+        "claim_job_id": job_id,
+        "claim_worker": worker,
+        "claim_now": now,
+        "claim_lease_until": now + lease,
+    }
+    row = session.execute(_CLAIM, claim).first()
     if row is None:
         return None
     queue_wait_s = None
@@ -501,34 +542,23 @@ def record_image(
     line = None
     if finish:
         line = lock_line_of_job(session, job_id) if user_id is None else lock_line(session, user_id)
-    row = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.attempt == attempt, Job.state == JobState.RUNNING.value)
-        .values(images_done=Job.images_done + 1)
-        .returning(
-            Job.user_id,
-            Job.tenant_id,
-            Job.price_per_image,
-            Job.number_of_images,
-            Job.images_done,
-        )
-    ).first()
+    row = session.execute(_COUNT_IMAGE, {"image_job_id": job_id, "image_attempt": attempt}).first()
     if row is None:
         raise StaleAttempt(f"job {job_id} is no longer held by attempt {attempt}")
     assert line is None or line.user_id == row.user_id, "the line locked is the job's user's"
-    session.add(
-        JobImage(
-            job_id=job_id,
-            index=index,
-            seed=seed,
-            storage_key=storage_key,
-            content_type=content_type,
-            size_bytes=size_bytes,
-            attempt=attempt,
-            generation=generation,
-            cache_key=cache_key,
-        )
-    )
+    image = {
+        "job_id": job_id,
+        "index": index,
+        "seed": seed,
+        "storage_key": storage_key,
+        "content_type": content_type,
+        "size_bytes": size_bytes,
+        "attempt": attempt,
+        "generation": generation,
+        "cache_key": cache_key,
+        "cached": False,
+    }
+    session.execute(_INSERT_IMAGE, image)
     # `images_done` already counts this image: the hold covered one more before it.
     held = _still_held(row) + row.price_per_image
     capture_image_credit(session, row.user_id, job_id, row.price_per_image, held=held)

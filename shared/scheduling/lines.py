@@ -14,13 +14,14 @@ one line at a time, so transactions never wait on each other in a cycle.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import wraps
 from typing import Any, Final, ParamSpec, TypeVar
 
-from sqlalchemy import Float, case, cast, func, literal, select, true, update
+from sqlalchemy import Float, Integer, Table, bindparam, case, cast, func, select, true, update
 from sqlalchemy.orm import Session
 
 from shared.models import ACTIVE_LINE, WAITING, Job, TenantQueue, User, UserQueue
@@ -46,14 +47,29 @@ class Line:
     ends_moved: bool = False
 
 
+# The hot statements are built once, as Core statements on the tables with bound
+# parameters: building and caching an ORM statement per call cost more CPU than
+# running it.
+_USER_QUEUES: Final = typing.cast(Table, UserQueue.__table__)
+_TENANT_QUEUES: Final = typing.cast(Table, TenantQueue.__table__)
+_lines = _USER_QUEUES.c
 _LINE_COLUMNS: Final = (
-    UserQueue.user_id,
-    UserQueue.tenant_id,
-    UserQueue.waiting,
-    UserQueue.in_flight,
-    UserQueue.waiting_work,
-    UserQueue.head_seq,
-    UserQueue.last_created_at,
+    _lines.user_id,
+    _lines.tenant_id,
+    _lines.waiting,
+    _lines.in_flight,
+    _lines.waiting_work,
+    _lines.head_seq,
+    _lines.last_created_at,
+)
+_LOCK_LINE: Final = (
+    select(*_LINE_COLUMNS).where(_lines.user_id == bindparam("user_id")).with_for_update()
+)
+_LOCK_LINES: Final = (
+    select(*_LINE_COLUMNS)
+    .where(_lines.user_id.in_(bindparam("user_ids", expanding=True)))
+    .order_by(_lines.user_id)
+    .with_for_update()
 )
 
 
@@ -71,21 +87,13 @@ def _line(row: Any) -> Line:
 
 def lock_line(session: Session, user_id: int) -> Line:
     """Lock the user's line (PostgreSQL row lock; SQLite's write lock is already held)."""
-    row = session.execute(
-        select(*_LINE_COLUMNS).where(UserQueue.user_id == user_id).with_for_update()
-    ).one()
-    return _line(row)
+    return _line(session.execute(_LOCK_LINE, {"user_id": user_id}).one())
 
 
 def lock_lines(session: Session, user_ids: Collection[int]) -> dict[int, Line]:
     """Lock several users' lines in one statement, in user id order (the lock order)."""
     # PostgreSQL locks the rows as the sort hands them over, so in user id order.
-    rows = session.execute(
-        select(*_LINE_COLUMNS)
-        .where(UserQueue.user_id.in_(sorted(user_ids)))
-        .order_by(UserQueue.user_id)
-        .with_for_update()
-    )
+    rows = session.execute(_LOCK_LINES, {"user_ids": sorted(user_ids)})
     return {row.user_id: _line(row) for row in rows}
 
 
@@ -95,39 +103,52 @@ def lock_line_of_job(session: Session, job_id: str) -> Line | None:
     return None if user_id is None else lock_line(session, user_id)
 
 
+def _waiting_job(seq: str, column: Any) -> Any:
+    """A column of the line's waiting job numbered by parameter `seq`, as a scalar subquery."""
+    jobs = Job.__table__.c
+    return (
+        select(column)
+        .where(WAITING, jobs.user_id == bindparam("line_user_id"), jobs.queue_seq == bindparam(seq))
+        .scalar_subquery()
+    )
+
+
+_SAVE_COUNTS: Final = {
+    "waiting": bindparam("line_waiting", type_=_lines.waiting.type),
+    "in_flight": bindparam("line_in_flight", type_=_lines.in_flight.type),
+    "waiting_work": bindparam("line_waiting_work", type_=_lines.waiting_work.type),
+    "head_seq": bindparam("line_head_seq", type_=_lines.head_seq.type),
+    "last_created_at": bindparam("line_last_created_at", type_=_lines.last_created_at.type),
+}
+_SAVE_LINE: Final = (
+    update(_USER_QUEUES).where(_lines.user_id == bindparam("line_user_id")).values(**_SAVE_COUNTS)
+)
+# The ends' ids and ages are read by the same statement (one index probe each); with
+# nobody waiting no job has those numbers, and they become NULL.
+_SAVE_LINE_AND_ENDS: Final = _SAVE_LINE.values(
+    head_job_id=_waiting_job("line_head", Job.__table__.c.id),
+    head_created_at=_waiting_job("line_head", Job.__table__.c.created_at),
+    tail_job_id=_waiting_job("line_tail", Job.__table__.c.id),
+    tail_created_at=_waiting_job("line_tail", Job.__table__.c.created_at),
+)
+
+
 def save_line(session: Session, line: Line) -> None:
     """Write the line's counters back (its ends too, if they moved); its tenant follows."""
     values: dict[str, Any] = {
-        "waiting": line.waiting,
-        "in_flight": line.in_flight,
-        "waiting_work": line.waiting_work,
-        "head_seq": line.head_seq,
-        "last_created_at": line.last_created_at,
+        "line_user_id": line.user_id,
+        "line_waiting": line.waiting,
+        "line_in_flight": line.in_flight,
+        "line_waiting_work": line.waiting_work,
+        "line_head_seq": line.head_seq,
+        "line_last_created_at": line.last_created_at,
     }
-    if line.ends_moved and line.waiting:
-        # The ends' ids and ages, read by the same statement (one index probe each).
-        head, tail = line.head_seq, line.head_seq + line.waiting - 1
-        values |= {
-            "head_job_id": _waiting_job(line.user_id, head, Job.id),
-            "head_created_at": _waiting_job(line.user_id, head, Job.created_at),
-            "tail_job_id": _waiting_job(line.user_id, tail, Job.id),
-            "tail_created_at": _waiting_job(line.user_id, tail, Job.created_at),
-        }
-    elif line.ends_moved:
-        values |= dict.fromkeys(
-            ("head_job_id", "head_created_at", "tail_job_id", "tail_created_at"), None
-        )
-    session.execute(update(UserQueue).where(UserQueue.user_id == line.user_id).values(**values))
+    if line.ends_moved:
+        values |= {"line_head": line.head_seq, "line_tail": line.head_seq + line.waiting - 1}
+        session.execute(_SAVE_LINE_AND_ENDS, values)
+    else:
+        session.execute(_SAVE_LINE, values)
     tenant_changed(session, line.tenant_id)
-
-
-def _waiting_job(user_id: int, seq: int, column: Any) -> Any:
-    """A column of the user's waiting job numbered `seq`, as a scalar subquery."""
-    return (
-        select(column)
-        .where(WAITING, Job.user_id == user_id, Job.queue_seq == seq)
-        .scalar_subquery()
-    )
 
 
 def next_submission_time(line: Line, now: datetime) -> datetime:
@@ -285,39 +306,30 @@ def keeps_tenants(transition: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def refresh_tenant(session: Session, tenant_id: int) -> None:
-    """Recompute a tenant's queue from its users' lines (one row per active user).
-
-    Its next job is its users' first jobs' minimum by (in_flight + 1) / weight, then
-    age: the order `shared.scheduling.fairshare` gives a tenant's users. Two
-    statements: the row lock, then one UPDATE computing everything else.
-    """
-    # The lock is a statement of its own: under READ COMMITTED the UPDATE's snapshot
-    # is taken after the lock is granted, so it sees the lines of a refresh that
-    # committed while this one waited (an UPDATE that waits re-reads only its row).
-    session.execute(
-        select(TenantQueue.tenant_id).where(TenantQueue.tenant_id == tenant_id).with_for_update()
-    ).one()
+def _refresh_tenant_statement() -> Any:
+    """The UPDATE that recomputes the tenant `tenant_id` from its users' lines."""
+    tenant_id = bindparam("queue_tenant_id", type_=Integer)
+    users = User.__table__.c
     sums = (
         select(
-            literal(tenant_id).label("tenant_id"),
-            func.coalesce(func.sum(UserQueue.waiting), 0).label("waiting"),
-            func.coalesce(func.sum(UserQueue.in_flight), 0).label("in_flight"),
-            func.coalesce(func.sum(UserQueue.waiting_work), 0).label("work"),
-            func.min(UserQueue.head_created_at).label("oldest"),
-            func.max(UserQueue.tail_created_at).label("newest"),
+            tenant_id.label("tenant_id"),
+            func.coalesce(func.sum(_lines.waiting), 0).label("waiting"),
+            func.coalesce(func.sum(_lines.in_flight), 0).label("in_flight"),
+            func.coalesce(func.sum(_lines.waiting_work), 0).label("work"),
+            func.min(_lines.head_created_at).label("oldest"),
+            func.max(_lines.tail_created_at).label("newest"),
         )
-        .where(UserQueue.tenant_id == tenant_id, ACTIVE_LINE)
+        .where(_lines.tenant_id == tenant_id, ACTIVE_LINE)
         .subquery("line_sums")
     )
     first = (
-        select(UserQueue.user_id, UserQueue.head_job_id, UserQueue.head_created_at)
-        .join(User, User.id == UserQueue.user_id)
-        .where(UserQueue.tenant_id == tenant_id, UserQueue.waiting > 0)
+        select(_lines.user_id, _lines.head_job_id, _lines.head_created_at)
+        .join(User.__table__, users.id == _lines.user_id)
+        .where(_lines.tenant_id == tenant_id, _lines.waiting > 0)
         .order_by(
-            cast(UserQueue.in_flight + 1, Float) / User.weight,
-            UserQueue.head_created_at,
-            UserQueue.head_job_id,
+            cast(_lines.in_flight + 1, Float) / users.weight,
+            _lines.head_created_at,
+            _lines.head_job_id,
         )
         .limit(1)
         .subquery("first_job")
@@ -328,16 +340,17 @@ def refresh_tenant(session: Session, tenant_id: int) -> None:
         .select_from(sums.outerjoin(first, true()))
         .subquery("tenant_now")
     )
+    tenants = _TENANT_QUEUES
     waiting = now.c.waiting > 0
-    session.execute(
-        update(TenantQueue)
-        .where(TenantQueue.tenant_id == now.c.tenant_id)
+    return (
+        update(tenants)
+        .where(tenants.c.tenant_id == now.c.tenant_id)
         .values(
             waiting=now.c.waiting,
             in_flight=now.c.in_flight,
             waiting_work=now.c.work,
             first_vt=case(
-                (waiting, cast(now.c.in_flight + 1, Float) / TenantQueue.weight), else_=None
+                (waiting, cast(now.c.in_flight + 1, Float) / tenants.c.weight), else_=None
             ),
             first_user_id=now.c.user_id,
             first_job_id=now.c.head_job_id,
@@ -345,5 +358,26 @@ def refresh_tenant(session: Session, tenant_id: int) -> None:
             oldest_created_at=case((waiting, now.c.oldest), else_=None),
             newest_created_at=case((waiting, now.c.newest), else_=None),
         )
-        .execution_options(synchronize_session=False)
     )
+
+
+_LOCK_TENANT: Final = (
+    select(_TENANT_QUEUES.c.tenant_id)
+    .where(_TENANT_QUEUES.c.tenant_id == bindparam("tenant_id"))
+    .with_for_update()
+)
+_REFRESH_TENANT: Final = _refresh_tenant_statement()
+
+
+def refresh_tenant(session: Session, tenant_id: int) -> None:
+    """Recompute a tenant's queue from its users' lines (one row per active user).
+
+    Its next job is its users' first jobs' minimum by (in_flight + 1) / weight, then
+    age: the order `shared.scheduling.fairshare` gives a tenant's users. Two
+    statements: the row lock, then one UPDATE computing everything else.
+    """
+    # The lock is a statement of its own: under READ COMMITTED the UPDATE's snapshot
+    # is taken after the lock is granted, so it sees the lines of a refresh that
+    # committed while this one waited (an UPDATE that waits re-reads only its row).
+    session.execute(_LOCK_TENANT, {"tenant_id": tenant_id}).one()
+    session.execute(_REFRESH_TENANT, {"queue_tenant_id": tenant_id})
