@@ -6,11 +6,13 @@ the next jobs, and indexed range reads of single users' waiting jobs.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Final
 
 from sqlalchemy import (
+    Table,
     bindparam,
     func,
     select,
@@ -119,15 +121,35 @@ def load_lines(session: Session, tenants: Collection[int] | None = None) -> list
     return lines
 
 
+_jobs = typing.cast(Table, Job.__table__).c
+# Built once, as Core statements: the dispatcher runs them on every pass.
+_NEXT_WAITING: Final = (
+    select(_jobs.id, _jobs.created_at, _jobs.work, _jobs.queue_seq)
+    .where(
+        WAITING,
+        _jobs.user_id == bindparam("line_user_id"),
+        _jobs.queue_seq > bindparam("after_seq"),
+    )
+    .order_by(_jobs.queue_seq)
+    .limit(bindparam("limit"))
+)
+_tenants = typing.cast(Table, TenantQueue.__table__).c
+_FIRST_TENANTS: Final = (
+    select(_tenants.tenant_id)
+    .where(TENANT_WAITING)
+    .order_by(_tenants.first_vt, _tenants.first_created_at, _tenants.first_job_id)
+    .limit(bindparam("limit"))
+)
+_COUNT_RUNNING: Final = select(func.count()).select_from(Job.__table__).where(RUNNING)
+_COUNT_RELEASED: Final = select(func.count()).select_from(Job.__table__).where(RELEASED)
+
+
 def fetch_next_waiting(
     session: Session, line: UserLine, after: QueuedJob, limit: int
 ) -> list[QueuedJob]:
     """The user's waiting jobs after `after`, first in first out (an index range read)."""
     rows = session.execute(
-        select(Job.id, Job.created_at, Job.work, Job.queue_seq)
-        .where(WAITING, Job.user_id == line.user_id, Job.queue_seq > after.seq)
-        .order_by(Job.queue_seq)
-        .limit(limit)
+        _NEXT_WAITING, {"line_user_id": line.user_id, "after_seq": after.seq, "limit": limit}
     ).all()
     return [
         QueuedJob(
@@ -179,14 +201,7 @@ def next_in_fair_order(session: Session, slots: int, max_running_per_user: int) 
 
 def _first_tenants(session: Session, limit: int) -> list[int]:
     """The `limit` tenants whose next jobs come first: by tenant virtual time, then age."""
-    return list(
-        session.execute(
-            select(TenantQueue.tenant_id)
-            .where(TENANT_WAITING)
-            .order_by(TenantQueue.first_vt, TenantQueue.first_created_at, TenantQueue.first_job_id)
-            .limit(limit)
-        ).scalars()
-    )
+    return list(session.execute(_FIRST_TENANTS, {"limit": limit}).scalars())
 
 
 @dataclass(frozen=True)
@@ -199,6 +214,6 @@ class Load:
 
 def current_load(session: Session) -> Load:
     """Count RUNNING jobs and released, unclaimed QUEUED jobs (two partial-index counts)."""
-    running = session.execute(select(func.count()).select_from(Job).where(RUNNING)).scalar_one()
-    released = session.execute(select(func.count()).select_from(Job).where(RELEASED)).scalar_one()
+    running = session.execute(_COUNT_RUNNING).scalar_one()
+    released = session.execute(_COUNT_RELEASED).scalar_one()
     return Load(running=running, released=released)
