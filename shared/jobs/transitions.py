@@ -80,16 +80,16 @@ from shared.webhooks.outbox import COMPLETED, START, add_delivery
 DEADLINE_ERROR: Final = "The request's deadline passed; undelivered images were not charged"
 CANCELLED_ERROR: Final = "Cancelled by the user"
 _LIVE: Final = (JobState.QUEUED.value, JobState.RUNNING.value)
-# A rendered job whose cancel arrived mid-render ends CANCELLED, keeping what it delivered.
-_FINISHED_STATE = case(
-    (Job.cancel_requested.is_(True), JobState.CANCELLED.value), else_=JobState.COMPLETED.value
-)
 
 
 # The statements every job runs, built once as Core statements with bound parameters
 # (building an ORM statement per call cost more CPU than running it).
 _JOBS: Final = typing.cast(Table, Job.__table__)
 _jobs = _JOBS.c
+# A rendered job whose cancel arrived mid-render ends CANCELLED, keeping what it delivered.
+_FINISHED_STATE: Final = case(
+    (_jobs.cancel_requested.is_(True), JobState.CANCELLED.value), else_=JobState.COMPLETED.value
+)
 _INSERT_IMAGE: Final = insert(typing.cast(Table, JobImage.__table__))
 _RELEASE: Final = (
     update(_JOBS)
@@ -212,20 +212,20 @@ def _end_job(
     Returns the state it ended in, or None if `conditions` no longer hold.
     """
     row = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.state.in_(_LIVE), *conditions)
+        update(_JOBS)
+        .where(_jobs.id == job_id, _jobs.state.in_(_LIVE), *conditions)
         .values(finished_at=database_now(session), lease_expires_at=None, **values)
         .returning(
-            Job.released_at,
-            Job.queue_seq,
-            Job.work,
-            Job.state,
-            Job.tenant_id,
-            Job.webhook_url,
-            Job.webhook_events,
-            Job.price_per_image,
-            Job.number_of_images,
-            Job.images_done,
+            _jobs.released_at,
+            _jobs.queue_seq,
+            _jobs.work,
+            _jobs.state,
+            _jobs.tenant_id,
+            _jobs.webhook_url,
+            _jobs.webhook_events,
+            _jobs.price_per_image,
+            _jobs.number_of_images,
+            _jobs.images_done,
         )
     ).first()
     if row is None:
@@ -578,7 +578,7 @@ def _finish(
             "cancel_requested": True,
             "error": stopped_because,
         }
-    conditions = [Job.attempt == attempt, Job.state == JobState.RUNNING.value]
+    conditions = [_jobs.attempt == attempt, _jobs.state == JobState.RUNNING.value]
     state = _end_job(session, line, job_id, conditions, values)
     if state is None:
         raise StaleAttempt(f"job {job_id} is no longer held by attempt {attempt}")
