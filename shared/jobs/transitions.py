@@ -545,7 +545,8 @@ def record_image(
     row = session.execute(_COUNT_IMAGE, {"image_job_id": job_id, "image_attempt": attempt}).first()
     if row is None:
         raise StaleAttempt(f"job {job_id} is no longer held by attempt {attempt}")
-    assert line is None or line.user_id == row.user_id, "the line locked is the job's user's"
+    if line is not None and line.user_id != row.user_id:
+        raise ValueError(f"job {job_id} is user {row.user_id}'s, not user {line.user_id}'s")
     image = {
         "job_id": job_id,
         "index": index,
