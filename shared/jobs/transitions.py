@@ -414,14 +414,13 @@ def release_jobs(session: Session, jobs: list[QueuedJob]) -> list[str]:
         by_user.setdefault(row.user_id, []).append(row)
     for user_id in sorted(by_user):
         line = lines[user_id]
-        # Numbers as they were before any of these left: taken in line order, each one
-        # that closes its gap from behind moves the later ones forward by one.
+        # The numbers are as they were before any of these left: taken in line order,
+        # each one whose gap closed from behind moved the later ones forward by one.
         moved_forward = 0
         for row in sorted(by_user[user_id], key=lambda row: row.queue_seq):
             seq = row.queue_seq - moved_forward
-            if seq - line.head_seq > line.waiting - 1 - (seq - line.head_seq):
+            if release_from_line(session, line, row.id, seq, row.work):
                 moved_forward += 1
-            release_from_line(session, line, row.id, seq, row.work)
         save_line(session, line)
     released = {row.id for row in rows}
     return [job.job_id for job in jobs if job.job_id in released]

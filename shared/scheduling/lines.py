@@ -103,12 +103,18 @@ def lock_line_of_job(session: Session, job_id: str) -> Line | None:
     return None if user_id is None else lock_line(session, user_id)
 
 
+_jobs = typing.cast(Table, Job.__table__).c
+
+
 def _waiting_job(seq: str, column: Any) -> Any:
     """A column of the line's waiting job numbered by parameter `seq`, as a scalar subquery."""
-    jobs = Job.__table__.c
     return (
         select(column)
-        .where(WAITING, jobs.user_id == bindparam("line_user_id"), jobs.queue_seq == bindparam(seq))
+        .where(
+            WAITING,
+            _jobs.user_id == bindparam("line_user_id"),
+            _jobs.queue_seq == bindparam(seq),
+        )
         .scalar_subquery()
     )
 
@@ -126,10 +132,10 @@ _SAVE_LINE: Final = (
 # The ends' ids and ages are read by the same statement (one index probe each); with
 # nobody waiting no job has those numbers, and they become NULL.
 _SAVE_LINE_AND_ENDS: Final = _SAVE_LINE.values(
-    head_job_id=_waiting_job("line_head", Job.__table__.c.id),
-    head_created_at=_waiting_job("line_head", Job.__table__.c.created_at),
-    tail_job_id=_waiting_job("line_tail", Job.__table__.c.id),
-    tail_created_at=_waiting_job("line_tail", Job.__table__.c.created_at),
+    head_job_id=_waiting_job("line_head", _jobs.id),
+    head_created_at=_waiting_job("line_head", _jobs.created_at),
+    tail_job_id=_waiting_job("line_tail", _jobs.id),
+    tail_created_at=_waiting_job("line_tail", _jobs.created_at),
 )
 
 
@@ -173,10 +179,11 @@ def note_submission(line: Line, created_at: datetime) -> None:
     line.last_created_at = created_at
 
 
-def release_from_line(session: Session, line: Line, job_id: str, seq: int, work: int) -> None:
-    """A waiting job was released: it leaves the line and is in flight."""
-    leave_line(session, line, job_id, seq, work)
+def release_from_line(session: Session, line: Line, job_id: str, seq: int, work: int) -> bool:
+    """A waiting job was released: it leaves the line and is in flight (see `leave_line`)."""
+    moved_later = leave_line(session, line, job_id, seq, work)
     line.in_flight += 1
+    return moved_later
 
 
 def leave_for_good(
@@ -198,11 +205,12 @@ def return_to_line(
     enter_line(session, line, job_id, created_at, work)
 
 
-def leave_line(session: Session, line: Line, job_id: str, seq: int, work: int) -> None:
+def leave_line(session: Session, line: Line, job_id: str, seq: int, work: int) -> bool:
     """Close the gap a job left in its line (it is no longer waiting).
 
     The shorter side of the line moves by one, so taking the first or the last
-    job costs nothing, and one from the middle at most half the line.
+    job costs nothing, and one from the middle at most half the line. Returns
+    whether the jobs behind it moved forward (their numbers fell by one).
     """
     rank = seq - line.head_seq
     behind = line.waiting - 1 - rank
@@ -228,6 +236,7 @@ def leave_line(session: Session, line: Line, job_id: str, seq: int, work: int) -
     line.waiting -= 1
     line.waiting_work -= work
     line.ends_moved = True
+    return rank > behind
 
 
 def enter_line(session: Session, line: Line, job_id: str, created_at: datetime, work: int) -> None:
